@@ -53,6 +53,23 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self._tk.id_to_piece(i) if self.kind == "tekken" else self._sp.id_to_piece(i)
 
+    def special_id(self, piece: str) -> int | None:
+        """Id of a control token such as "[INST]", or None when the vocabulary has none."""
+        if self.kind == "tekken":
+            try:
+                return self._tk.get_special_token(piece)
+            except Exception:  # mistral-common raises several types for an unknown piece
+                return None
+        i = self._sp.piece_to_id(piece)
+        return i if i != self.unk_id and self._sp.is_control(i) else None
+
+    @property
+    def tekken_version(self) -> str | None:
+        """The instruct version a Tekken file declares ("v3", "v7", ...); None for SentencePiece."""
+        if self.kind != "tekken":
+            return None
+        return str(getattr(self._tk.version, "value", self._tk.version))
+
     def __repr__(self):
         return f"Tokenizer({self.kind}, {self.path.name}, vocab={self.vocab_size})"
 
