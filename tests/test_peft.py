@@ -1,0 +1,163 @@
+"""Adapters <-> PEFT and mlx-lm, judged by `peft.PeftModel` and `mlx_lm.load` themselves."""
+
+from __future__ import annotations
+
+import json
+
+import mlx_mistral  # noqa: F401
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+
+from mlx_mistral import lora
+from mlx_mistral.export.adapters import export_mlx_lm, export_peft, import_mlx_lm, import_peft
+from mlx_mistral.loader import load
+
+
+def make_run(model_dir, run_dir, policy="uniform", rank=8, alpha=16.0, targets="all-linear", steps=3, num_layers=-1):
+    """Train a few LoRA steps on random tokens and save a run directory (the format of issue 4)."""
+    model, _ = load(model_dir, dtype="float32")
+    specs = lora.apply_lora(model, targets=targets, num_layers=num_layers, rank=rank, alpha=alpha, policy=policy)
+    opt = optim.Adam(learning_rate=2e-2)
+    tokens = mx.array(np.random.default_rng(0).integers(3, 1000, (2, 48)))
+
+    def loss_fn(m):
+        logits = m(tokens[:, :-1])
+        return nn.losses.cross_entropy(logits, tokens[:, 1:]).mean()
+
+    step = nn.value_and_grad(model, loss_fn)
+    for _ in range(steps):
+        _, grads = step(model)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+    cfg = lora.adapter_config(specs, base_model=str(model_dir), args=model.args, targets=targets,
+                              num_layers=num_layers, policy=policy, rank=rank, alpha=alpha, dropout=0.0)
+    lora.save_adapters(run_dir, model, cfg)
+    return run_dir
+
+
+def ours_with_adapter(model_dir, run_dir):
+    model, tok = load(model_dir, dtype="float32")
+    lora.load_adapters(model, run_dir)
+    return model, tok
+
+
+def prompt_ids(tok, n=100):
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    return tok.encode(text)[:n]
+
+
+def torch_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("policy", ["uniform", "gqa"])
+def test_peft_export_matches_peft_logits(tiny_models, tmp_path, policy):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_models("swa")
+    run = make_run(src, tmp_path / "run", policy=policy)
+    r = export_peft(run, tmp_path / "peft")
+    pcfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    if policy == "gqa":  # 4 heads, 2 kv heads: k/v get rank 8 * 2 / 4 = 4, alpha 8
+        assert pcfg["rank_pattern"] == {"k_proj": 4, "v_proj": 4} and pcfg["alpha_pattern"] == {"k_proj": 8.0, "v_proj": 8.0}
+    else:
+        assert r["rank_pattern"] == {} and pcfg["r"] == 8
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    model, tok = ours_with_adapter(src, run)
+    ids = prompt_ids(tok)  # 100 tokens: past the 32-token window three times
+    ours = np.array(model(mx.array([ids]))[0])
+    theirs = torch_logits(peft_model, ids)
+    assert np.abs(ours - theirs).max() < 1e-4
+    plain = np.array(load(src, dtype="float32")[0](mx.array([ids]))[0])
+    assert np.abs(plain - ours).max() > 1e-2  # the trained adapter changes the logits: not a vacuous match
+
+
+def test_peft_import_round_trip(tiny_models, tmp_path):
+    src = tiny_models("swa")
+    run = make_run(src, tmp_path / "run", policy="gqa")
+    export_peft(run, tmp_path / "peft")
+    args = load(src)[0].args
+    cfg = import_peft(tmp_path / "peft", tmp_path / "back", args)
+    orig = json.loads((run / "adapter_config.json").read_text())
+    assert cfg["modules"] == orig["modules"] and cfg["rank_policy"] == "gqa"
+    assert cfg["base_fingerprint"] == orig["base_fingerprint"]
+    a, b = mx.load(str(run / "adapters.safetensors")), mx.load(str(tmp_path / "back" / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(np.array(a[k]), np.array(b[k])), k
+
+
+def test_import_adapter_made_by_peft(tiny_models, tmp_path):
+    """A PEFT adapter PEFT wrote itself (rank_pattern, alpha_pattern, rsLoRA off) gives PEFT's logits here."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_models("swa")
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    pcfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+                      rank_pattern={"k_proj": 2}, alpha_pattern={"down_proj": 5}, task_type="CAUSAL_LM")
+    pm = get_peft_model(base, pcfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    pm.save_pretrained(tmp_path / "peft")
+    model, tok = load(src, dtype="float32")
+    cfg = import_peft(tmp_path / "peft", tmp_path / "run", model.args)
+    assert cfg["modules"]["model.layers.1.self_attn.k_proj"]["rank"] == 2
+    assert cfg["modules"]["model.layers.0.mlp.down_proj"]["alpha"] == 5.0
+    lora.load_adapters(model, tmp_path / "run")
+    ids = prompt_ids(tok)
+    assert np.abs(np.array(model(mx.array([ids]))[0]) - torch_logits(pm.eval(), ids)).max() < 1e-4
+
+
+def test_mlx_lm_adapter_round_trip(tiny_models, tmp_path):
+    import mlx_lm
+
+    src = tiny_models("full")  # mlx-lm runs Mistral without its window: compare on a window-less model
+    run = make_run(src, tmp_path / "run", targets=["q_proj", "v_proj"], num_layers=1)
+    export_mlx_lm(run, tmp_path / "mlxlm")
+    theirs_model, _ = mlx_lm.load(str(src), adapter_path=str(tmp_path / "mlxlm"))
+    model, tok = ours_with_adapter(src, run)
+    ids = mx.array([prompt_ids(tok)])
+    assert np.abs(np.array(model(ids)) - np.array(theirs_model(ids))).max() < 1e-4
+    cfg = import_mlx_lm(tmp_path / "mlxlm", tmp_path / "back", model.args)
+    orig = json.loads((run / "adapter_config.json").read_text())
+    assert cfg["modules"] == orig["modules"] and cfg["num_layers"] == 1
+    a, b = mx.load(str(run / "adapters.safetensors")), mx.load(str(tmp_path / "back" / "adapters.safetensors"))
+    assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a) and a.keys() == b.keys()
+
+
+def test_mlx_lm_export_refuses_mixed_ranks(tiny_models, tmp_path):
+    run = make_run(tiny_models("swa"), tmp_path / "run", policy="gqa", steps=0)
+    with pytest.raises(ValueError, match="one rank and one scale"):
+        export_mlx_lm(run, tmp_path / "out")
+
+
+def test_peft_import_errors(tiny_models, tmp_path):
+    src = tiny_models("swa")
+    run = make_run(src, tmp_path / "run", steps=0)
+    export_peft(run, tmp_path / "peft")
+    cfg_path = tmp_path / "peft" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps(dict(cfg, use_dora=True)))
+    with pytest.raises(ValueError, match="DoRA"):
+        import_peft(tmp_path / "peft", tmp_path / "x")
+    cfg_path.write_text(json.dumps(cfg))
+    other = load(tiny_models("nemo"))[0].args  # hidden 80: every shape differs
+    with pytest.raises(ValueError, match="belongs to another model"):
+        import_peft(tmp_path / "peft", tmp_path / "y", other)
+    (tmp_path / "peft" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="adapter_model.safetensors"):
+        import_peft(tmp_path / "peft", tmp_path / "z")
