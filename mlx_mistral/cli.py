@@ -30,6 +30,8 @@ def main():
 
 @main.command()
 @click.option("--model", "model_path", required=True, help="Model directory or Hugging Face repo id.")
+@click.option("--adapter", type=click.Path(file_okay=False, exists=True),
+              help="Run directory whose LoRA adapters to apply (adapters.safetensors + adapter_config.json).")
 @click.option("--prompt", required=True, help="Prompt text (a BOS is prepended).")
 @click.option("--max-tokens", default=100, show_default=True, type=click.IntRange(min=1),
               help="Most new tokens to generate.")
@@ -40,13 +42,17 @@ def main():
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Cast weights to this dtype (default: as stored).")
-def generate(model_path, prompt, max_tokens, temp, top_p, seed, dtype):
+def generate(model_path, adapter, prompt, max_tokens, temp, top_p, seed, dtype):
     """Generate text from a prompt, streaming tokens as they come."""
     from .generate import stream_generate
     from .loader import load
 
     try:
         model, tok = load(model_path, dtype=dtype)
+        if adapter:
+            from .lora import load_adapters
+
+            load_adapters(model, adapter)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     ids = tok.encode(prompt, bos=True)
