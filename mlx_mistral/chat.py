@@ -138,6 +138,12 @@ def encode_chat(tok: Tokenizer, messages, loss_on: str = "assistant", version: s
     return tokens, loss
 
 
+def encode_prompt(tok: Tokenizer, messages, version: str | None = None) -> list[int]:
+    """Token ids of a conversation that ends with a user turn, ready for the model to answer."""
+    tokens, _ = encode_chat(tok, messages, loss_on="all", version=version)
+    return tokens.tolist()
+
+
 def encode_completion(tok: Tokenizer, prompt: str, completion: str, loss_on: str = "completion"):
     """`<s>{prompt}{completion}</s>` as two encodes; loss on the completion and its EOS (or "all")."""
     if loss_on not in ("completion", "all"):

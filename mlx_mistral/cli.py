@@ -88,7 +88,7 @@ def _register():
     import importlib
 
     for mod, name in (("data", "commands"), ("trainer_cli", "commands"), ("dashboard", "commands"),
-                      ("convert_cli", "commands"), ("torch_backend", "commands")):
+                      ("convert_cli", "commands"), ("torch_backend", "commands"), ("demo", "commands")):
         try:
             m = importlib.import_module(f"mlx_mistral.{mod}")
         except ModuleNotFoundError as e:

@@ -232,6 +232,16 @@ def token_losses(model, tokens, segment_ids, positions, targets, weights):
     return rows.sum(), n
 
 
+def dataset_loss(model, rows: "Rows", batch_size: int = 4) -> tuple[float, int]:
+    """(mean token loss, number of loss tokens) of `model` over all `rows`, fp32, in batches."""
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        s, n = token_losses(model, *rows.take(range(i, min(i + batch_size, len(rows)))))
+        mx.eval(s, n)
+        total, count = total + float(s), count + int(n)
+    return total / max(count, 1), count
+
+
 def memory_total() -> int:
     """Bytes of RAM (unified memory on a Mac) of this machine."""
     try:

@@ -101,7 +101,8 @@ def train(config_path, model, data, out, steps, seq_len, batch_size, lora_rank, 
 
 def run_training(cfg, resume: bool = False, no_dashboard: bool = True, extra_callbacks=()) -> dict:
     """Load, prepare, train; returns the trainer's "end" event (the CLI's body, usable from scripts)."""
-    from .callbacks import JSONLLogger, PlainLogger
+    from .callbacks import JSONLLogger
+    from .dashboard import make_callback
     from .distributed import init_group
     from .loader import load
     from .trainer import Trainer, prepare_model, split_rows, write_run_config
@@ -127,12 +128,7 @@ def run_training(cfg, resume: bool = False, no_dashboard: bool = True, extra_cal
     display = None
     if rank0:
         callbacks.insert(0, JSONLLogger(run_dir / "metrics.jsonl"))
-        try:
-            from .dashboard import make_callback
-
-            display = make_callback(plain=True if no_dashboard else None, total_steps=cfg.steps)
-        except ImportError:
-            display = PlainLogger()
+        display = make_callback(plain=True if no_dashboard else None, total_steps=cfg.steps)
         callbacks.append(display)
     trainer = Trainer(model, cfg, train_rows, val_rows, run_dir, callbacks, lora_config=lora_cfg,
                       model_name=str(model_dir), group=group)
@@ -157,11 +153,9 @@ def run_training(cfg, resume: bool = False, no_dashboard: bool = True, extra_cal
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
 def eval_cmd(model_path, adapter, data, split, seq_len, batch_size):
     """Loss and perplexity of a model (with an adapter) on a dataset split."""
-    import mlx.core as mx
-
     from .loader import load
     from .lora import load_adapters
-    from .trainer import TrainConfig, token_losses
+    from .trainer import TrainConfig, dataset_loss
 
     try:
         model, tok = load(model_path)
@@ -171,13 +165,10 @@ def eval_cmd(model_path, adapter, data, split, seq_len, batch_size):
         rows, _ = load_rows(data, tok, cfg, split)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
+    if rows is None:
+        raise click.BadParameter(f"{data} has no {split} split ({split}.jsonl)", param_hint="--split")
     model.eval()
-    total = count = 0.0
-    for i in range(0, len(rows), batch_size):
-        s, n = token_losses(model, *rows.take(range(i, min(i + batch_size, len(rows)))))
-        mx.eval(s, n)
-        total, count = total + float(s), count + float(n)
-    loss = total / max(count, 1.0)
+    loss, count = dataset_loss(model, rows, batch_size)
     click.echo(f"{split}: loss {loss:.4f}  ppl {math.exp(min(loss, 700)):.3f}  ({int(count)} loss tokens)")
 
 
