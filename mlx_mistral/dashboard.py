@@ -356,14 +356,16 @@ def summary(state: DashboardState) -> Table:
     mem_total = f" / {fmt_gb(s['memory_total'])} GB" if s.get("memory_total") else ""
     table.add_row("peak memory", f"{fmt_gb(e.get('peak_memory', state.last.get('peak_memory')))} GB{mem_total}")
     run_dir = e.get("run_dir") or s.get("run_dir")
-    table.add_row("adapters", str(e.get("adapter_path") or "-"))
+    full = s.get("fine_tune") == "full"  # the run directory is then itself the model
+    table.add_row("model weights" if full else "adapters", str(e.get("adapter_path") or "-"))
     table.add_row("last checkpoint", str(state.checkpoint["path"]) if state.checkpoint else "-")
     table.add_row("metrics", str(Path(run_dir) / METRICS_FILE) if run_dir else "-")
     if run_dir and s.get("model"):
-        m, r = shlex.quote(str(s["model"])), shlex.quote(str(run_dir))
-        table.add_row("next", Text(f"mlx-mistral eval --model {m} --adapter {r} --data DATA\n"
-                                   f"mlx-mistral generate --model {m} --adapter {r} --prompt \"...\"\n"
-                                   f"mlx-mistral export gguf --model {m} --adapter {r} --out model.gguf",
+        r = shlex.quote(str(run_dir))
+        use = f"--model {r}" if full else f"--model {shlex.quote(str(s['model']))} --adapter {r}"
+        table.add_row("next", Text(f"mlx-mistral eval {use} --data DATA\n"
+                                   f"mlx-mistral generate {use} --prompt \"...\"\n"
+                                   f"mlx-mistral export gguf {use} --out model.gguf",
                                    style="bold"))
     return table
 

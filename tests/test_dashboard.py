@@ -185,6 +185,14 @@ def test_eta_counts_down_between_events_and_is_zero_at_end():
     assert fold(synthetic_events()[:1]).eta() is None  # no step yet
 
 
+def test_summary_of_a_full_fine_tune_points_at_the_run_as_the_model():
+    evs = synthetic_events()
+    evs[0] = dict(evs[0], fine_tune="full")
+    s = text_of(summary(fold(evs)), width=140)
+    assert "mlx-mistral generate --model runs/demo --prompt" in s and "--adapter" not in s
+    assert "model weights" in s
+
+
 def test_finished_panel_and_summary():
     st = fold(synthetic_events())
     out = text_of(render(st))
