@@ -42,16 +42,15 @@ def main():
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Cast weights to this dtype (default: as stored).")
-def generate(model_path, adapter, prompt, max_tokens, temp, top_p, seed, dtype):
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "torch"]),
+              help="auto: MLX on Apple silicon, torch with CUDA; on other machines see the README.")
+def generate(model_path, adapter, prompt, max_tokens, temp, top_p, seed, dtype, backend):
     """Generate text from a prompt, streaming tokens as they come."""
-    from .generate import stream_generate
-    from .loader import load
+    from .torch_backend import load, load_adapters, stream_generate
 
     try:
-        model, tok = load(model_path, dtype=dtype)
+        model, tok = load(model_path, backend=backend, dtype=dtype)
         if adapter:
-            from .lora import load_adapters
-
             load_adapters(model, adapter)
     except ValueError as e:
         raise click.ClickException(str(e)) from None

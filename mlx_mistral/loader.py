@@ -188,8 +188,12 @@ def load(path_or_repo: str | Path, dtype=None, backend: str = "mlx", lazy: bool 
 
     `dtype` casts floating weights ("float32", "bfloat16", "float16"; default: as stored).
     """
+    if backend == "torch":
+        from .torch_model import load as load_torch
+
+        return load_torch(path_or_repo, dtype=dtype)
     if backend != "mlx":
-        raise ValueError(f"backend {backend!r} is not available yet; use backend='mlx'")
+        raise ValueError(f"unknown backend {backend!r}; use backend='mlx' or 'torch'")
     model_dir = resolve_path(path_or_repo)
     model = load_model(model_dir, dtype=dtype, lazy=lazy)
     tok = load_tokenizer(model_dir)

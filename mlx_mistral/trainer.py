@@ -56,6 +56,7 @@ class TrainConfig:
 
     # model
     model: str = ""  # directory, Hub id, or "tiny:<preset>" for a random model built on the fly (tiny.py)
+    backend: str = "auto"  # auto | mlx | torch (torch_backend.pick_backend says what auto picks where)
     quantize: int | None = None  # 4 or 8: quantize the base at load (QLoRA)
     quantize_group_size: int = 64
     dtype: str = "float32"  # base weights; adapters and optimizer state are fp32 regardless
@@ -105,6 +106,7 @@ class TrainConfig:
     def validate(self):
         """Raise ValueError naming the first bad key."""
         checks = [
+            ("backend", self.backend in ("auto", "mlx", "torch"), "auto, mlx or torch"),
             ("fine_tune", self.fine_tune in ("lora", "full"), "lora or full"),
             ("packing", self.packing in ("swa", "naive", "none"), "swa, naive or none"),
             ("rank_policy", self.rank_policy in ("uniform", "gqa"), "uniform or gqa"),

@@ -63,10 +63,12 @@ def load_rows(data: str, tok, cfg, split: str):
 @click.option("--packing", type=click.Choice(["swa", "naive", "none"]), help="How documents fill rows.")
 @click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize the base at load (QLoRA).")
 @click.option("--fine-tune", type=click.Choice(["lora", "full"]), help="Train adapters or every parameter.")
+@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]),
+              help="auto: MLX on Apple silicon, torch with CUDA; on other machines see the README.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--no-dashboard", is_flag=True, help="Plain log lines instead of the live dashboard.")
 def train(config_path, model, data, out, steps, seq_len, batch_size, lora_rank, rank_policy, packing, quantize,
-          fine_tune, resume, no_dashboard):
+          fine_tune, backend, resume, no_dashboard):
     """Fine-tune with LoRA / QLoRA (or fully) on packed rows; writes a run directory.
 
     Settings come from the dataclass defaults, then --config, then these flags. With --resume the run's
@@ -76,7 +78,7 @@ def train(config_path, model, data, out, steps, seq_len, batch_size, lora_rank, 
 
     overrides = {"model": model, "data": data, "out": out, "steps": steps, "seq_len": seq_len,
                  "batch_size": batch_size, "lora_rank": lora_rank, "rank_policy": rank_policy, "packing": packing,
-                 "quantize": int(quantize) if quantize else None, "fine_tune": fine_tune}
+                 "quantize": int(quantize) if quantize else None, "fine_tune": fine_tune, "backend": backend}
     if resume:
         if not out:
             raise click.BadParameter("--resume needs --out RUN_DIR (the run to continue)", param_hint="--out")
@@ -104,10 +106,15 @@ def run_training(cfg, resume: bool = False, no_dashboard: bool = True, extra_cal
     from .callbacks import JSONLLogger
     from .dashboard import make_callback
     from .distributed import init_group
-    from .loader import load
-    from .trainer import Trainer, prepare_model, split_rows, write_run_config
+    from .torch_backend import pick_backend, training_backend
+    from .trainer import split_rows, write_run_config
 
-    group = init_group()
+    try:
+        backend = pick_backend(cfg.backend)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--backend") from None
+    load, prepare_model, Trainer = training_backend(backend)
+    group = init_group() if backend == "mlx" else None  # torch joins torchrun's group in its trainer
     rank0 = group is None or group.rank() == 0
     run_dir = Path(cfg.out)
     try:
@@ -151,14 +158,15 @@ def run_training(cfg, resume: bool = False, no_dashboard: bool = True, extra_cal
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
 @click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
-def eval_cmd(model_path, adapter, data, split, seq_len, batch_size):
+@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]),
+              help="auto: MLX on Apple silicon, torch with CUDA; on other machines see the README.")
+def eval_cmd(model_path, adapter, data, split, seq_len, batch_size, backend):
     """Loss and perplexity of a model (with an adapter) on a dataset split."""
-    from .loader import load
-    from .lora import load_adapters
-    from .trainer import TrainConfig, dataset_loss
+    from .torch_backend import dataset_loss, load, load_adapters
+    from .trainer import TrainConfig
 
     try:
-        model, tok = load(model_path)
+        model, tok = load(model_path, backend=backend or "auto")
         if adapter:
             load_adapters(model, adapter)
         cfg = TrainConfig(seq_len=seq_len, packing="swa")

@@ -1,0 +1,483 @@
+"""The training loop on torch: the MLX trainer's config, data order, loss, optimizer, events and files.
+
+Notable:
+- Everything that decides *what* is computed is imported from `trainer.py`: `TrainConfig`, the data
+  order (`batch_rows`, `micro_rows`), the dropout seed of each micro-step, `Rows`. The loss is the same
+  sum of token losses over the global batch divided by its number of loss tokens, so with fp32, dropout 0
+  and the same initial adapters both backends take the same steps (tests/test_torch_trainer.py).
+- AdamW written out (`AdamW` below) with MLX's formula and its `bias_correction` switch, rather than
+  `torch.optim.AdamW`, which cannot turn bias correction off.
+- On CUDA the forward runs under bf16 autocast (LoRA weights, gradients and optimizer state stay fp32)
+  and each block is `torch.compile`d when `compile` is on; on CPU everything is fp32 and eager (compiling
+  costs more than it saves on short CPU runs).
+- Data parallelism: launched by `torchrun`, the model is wrapped in DDP (NCCL on CUDA, gloo on CPU);
+  accumulation micro-steps run under `no_sync()`; each rank's loss is scaled by the world size so DDP's
+  gradient *average* becomes the global batch's sum / global loss tokens, as on one rank.
+- Checkpoints have the MLX trainer's layout and names: `checkpoints/step-N/{weights,optimizer}.safetensors`
+  (optimizer keys `<param>.m`, `<param>.v`, `step`) and `state.json`. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .schedule import warmup_cosine
+from .trainer import Rows, TrainConfig, batch_rows, dropout_seed, micro_rows  # noqa: F401
+from .torch_lora import adapter_config, adapter_weights, apply_lora, quantize_4bit, save_adapters
+
+
+# ---- the optimizer ------------------------------------------------------------------------------------
+class AdamW:
+    """AdamW exactly as `mlx.optimizers.AdamW`: decoupled decay p *= 1 - lr * wd, then Adam with optional
+    bias correction (c1 = lr / (1 - b1^t), c2 = 1 / sqrt(1 - b2^t), p -= c1 * m / (sqrt(v) * c2 + eps))."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.01, bias_correction=True):
+        self.params = params
+        self.b1, self.b2 = betas
+        self.eps, self.weight_decay, self.bias_correction = eps, weight_decay, bias_correction
+        self.step = 0
+        self.m = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+        self.v = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, lr: float):
+        self.step += 1
+        b1, b2, t = self.b1, self.b2, self.step
+        for k, p in self.params.items():
+            g = p.grad.float()
+            m, v = self.m[k], self.v[k]
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            w = p.float() * (1 - lr * self.weight_decay)
+            if self.bias_correction:
+                c1, c2 = lr / (1 - b1 ** t), (1 - b2 ** t) ** -0.5
+                w = w - c1 * m / (v.sqrt() * c2 + self.eps)
+            else:
+                w = w - lr * m / (v.sqrt() + self.eps)
+            p.copy_(w.to(p.dtype))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors named as the MLX trainer's optimizer.safetensors."""
+        out = {"step": torch.tensor(self.step, dtype=torch.int64)}
+        for k in self.params:
+            out[f"{k}.m"], out[f"{k}.v"] = self.m[k], self.v[k]
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str):
+        want = {f"{k}.{s}" for k in self.params for s in ("m", "v")}
+        have = {k for k in state if k.endswith((".m", ".v"))}
+        if want != have:
+            raise ValueError(f"{source}: optimizer state does not match this model's trainable parameters "
+                             f"(e.g. {sorted(want ^ have)[:3]})")
+        self.step = int(state["step"])
+        for k in self.params:
+            self.m[k].copy_(state[f"{k}.m"])
+            self.v[k].copy_(state[f"{k}.v"])
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Scale gradients so their global norm is at most `max_norm` (MLX's rule: factor min(max/(norm+1e-6), 1));
+    returns the norm before clipping. `max_norm` 0 measures only."""
+    grads = [p.grad for p in params]
+    norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
+    if max_norm > 0:
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(factor.to(g.dtype))
+    return float(norm)
+
+
+# ---- the process group --------------------------------------------------------------------------------
+def init_distributed(device: torch.device):
+    """Join the `torchrun` process group (NCCL on CUDA, gloo otherwise); (rank, world). (0, 1) without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# ---- memory -------------------------------------------------------------------------------------------
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def active_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def memory_total(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def token_losses(model, tokens, segment_ids, positions, targets, weights):
+    """(sum of weighted token losses, number of loss tokens) of one batch, fp32. Logits are computed only
+    where the weight is non-zero (not at padding, document ends or masked prompt tokens)."""
+    at = weights > 0  # (B, L)
+    logits = model(tokens, segment_ids=segment_ids, positions=positions, logits_at=at)  # (N, vocab)
+    ce = F.cross_entropy(logits.float(), targets[at], reduction="none")  # (N,)
+    w = weights[at].float()
+    return (ce * w).sum(), w.sum()
+
+
+@torch.no_grad()
+def dataset_loss(model, rows: Rows, batch_size: int = 4) -> tuple[float, int]:
+    """(mean token loss, number of loss tokens) of `model` over all `rows`, fp32, in batches."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        idx = np.arange(i, min(i + batch_size, len(rows)))
+        batch = (torch.as_tensor(np.asarray(a[idx], np.int64), device=device)
+                 for a in (rows.tokens, rows.segment_ids, rows.positions, rows.targets, rows.weights))
+        s, n = token_losses(model, *batch)
+        total, count = total + float(s), count + int(n)
+    return total / max(count, 1), count
+
+
+# ---- the trainer --------------------------------------------------------------------------------------
+class TorchTrainer:
+    """Runs `cfg.steps` optimizer steps on `train` rows, writing the run directory (rank 0); the torch twin
+    of `trainer.Trainer` (same constructor, same `run`, same events and files).
+
+    `model` is a `torch_model.Model` with LoRA already applied (or unfrozen for full fine-tuning) on
+    `device`; under `torchrun` the trainer joins the process group itself (`group` is accepted for the
+    MLX trainer's signature and must be None).
+    """
+
+    def __init__(self, model, cfg: TrainConfig, train: Rows, val: Rows | None = None, run_dir=None,
+                 callbacks=(), lora_config: dict | None = None, model_name: str = "", group=None,
+                 save_full=None, device=None, autocast: bool | None = None):
+        if group is not None:
+            raise ValueError("the torch backend runs data parallel under torchrun, not mlx.launch: "
+                             "torchrun --nproc_per_node N -m mlx_mistral.cli train --backend torch ...")
+        self.device = torch.device(device) if device is not None else _device_of(model)
+        self.rank, self.world = init_distributed(self.device)
+        self.model, self.cfg, self.train_rows, self.val_rows = model, cfg, train, val
+        self.run_dir = Path(run_dir or cfg.out)
+        self.lora_config = lora_config
+        self.model_name = model_name or cfg.model
+        self.callbacks = list(callbacks) if self.rank == 0 else []
+        self.save_full = save_full
+        self._stop = False
+        self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
+        if len(train) == 0:
+            raise ValueError("no training rows: the dataset is empty after packing")
+        self.autocast = self.device.type == "cuda" if autocast is None else autocast
+        model.checkpoint_layers = cfg.grad_checkpoint
+        if cfg.compile and self.device.type == "cuda":
+            for layer in model.model.layers:
+                layer.compile(dynamic=False)
+        self.params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        self.optimizer = AdamW(self.params, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay,
+                               cfg.bias_correction)
+        self.forward = model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.forward = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                               find_unused_parameters=model.args.is_moe and lora_config is None)
+
+    def stop(self):
+        """Ask the run to stop (with a checkpoint) at the next optimizer-step boundary."""
+        self._stop = True
+
+    def _emit(self, event: dict):
+        event = {"event": event.pop("event"), "time": time.time(), **event}
+        for cb in self.callbacks:
+            cb(event)
+
+    def _take(self, rows: Rows, idx) -> tuple:
+        arrays = (rows.tokens, rows.segment_ids, rows.positions, rows.targets, rows.weights)
+        return tuple(torch.as_tensor(np.asarray(a[idx], np.int64), device=self.device) for a in arrays)
+
+    def _amp(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+
+    def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(x)
+        return x
+
+    # -- one optimizer step -------------------------------------------------------------------------------
+    def train_step(self, step: int) -> tuple[float, int]:
+        """Accumulate the gradient of the global batch of `step` into `.grad`; returns (loss, loss tokens)."""
+        cfg = self.cfg
+        rows = batch_rows(cfg.seed, step, self.global_batch, len(self.train_rows))
+        n_tokens = int(self.train_rows.weights[rows].sum())
+        denom = float(max(n_tokens, 1))
+        for p in self.params.values():
+            p.grad = None
+        self.model.train()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for m in range(cfg.grad_accum):
+            idx = micro_rows(rows, m, self.rank, self.world, cfg.batch_size)
+            torch.manual_seed(dropout_seed(cfg.seed, step, m, self.rank))
+            sync = m == cfg.grad_accum - 1 or self.world == 1
+            with (nullcontext() if sync else self.forward.no_sync()), self._amp():
+                s, _ = token_losses(self.forward, *self._take(self.train_rows, idx))
+            (s * (self.world / denom)).backward()  # DDP averages over ranks: undo it
+            loss_sum += s.detach()
+        return float(self._all_sum(loss_sum)) / denom, n_tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean token loss over the validation rows (sharded across ranks)."""
+        v = self.val_rows
+        if v is None or len(v) == 0:
+            return None
+        n = len(v) if not self.cfg.eval_rows else min(len(v), self.cfg.eval_rows)
+        self.model.eval()
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        mine = np.arange(n)[self.rank::self.world]
+        for i in range(0, len(mine), self.cfg.batch_size):
+            with self._amp():
+                s, c = token_losses(self.model, *self._take(v, mine[i:i + self.cfg.batch_size]))
+            acc += torch.stack([s.double(), c.double()])
+        total, count = self._all_sum(acc).tolist()
+        self.model.train()
+        return total / max(count, 1.0)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def _weights(self) -> dict:
+        if self.lora_config is not None:
+            return adapter_weights(self.model)
+        return dict(self.params)
+
+    def save_checkpoint(self, step: int, extra: dict) -> Path:
+        """checkpoints/step-NNNNNNN/{weights,optimizer}.safetensors + state.json, written to a temp directory
+        and renamed into place; then prune to the last `keep_checkpoints`."""
+        from .io import write_json
+
+        ck_root = self.run_dir / "checkpoints"
+        final = ck_root / f"step-{step:07d}"
+        tmp = ck_root / f".step-{step:07d}.tmp{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        _save(tmp / "weights.safetensors", self._weights())
+        _save(tmp / "optimizer.safetensors", self.optimizer.state_dict())
+        state = {"step": step, "data_position": step * self.global_batch, "seed": self.cfg.seed,
+                 "global_batch": self.global_batch, "backend": "torch",
+                 "rng": "stateless: data order from (seed, epoch), dropout from (seed, step, micro, rank)",
+                 **extra}
+        write_json(tmp / "state.json", state)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        done = sorted(p for p in ck_root.glob("step-*") if (p / "state.json").exists())
+        for old in done[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+        self.save_outputs()
+        return final
+
+    def save_outputs(self):
+        """The run's current result: adapters (+ config) for LoRA, a full model directory otherwise."""
+        if self.lora_config is not None:
+            save_adapters(self.run_dir, self.model, self.lora_config)
+        elif self.save_full is not None:
+            self.save_full(self.run_dir)
+        else:  # full fine-tuning: the run directory is a model directory (the same files as on MLX)
+            from .io import write_json
+
+            _save(self.run_dir / "model.safetensors", {k: v.float() for k, v in self.model.state_dict().items()})
+            write_json(self.run_dir / "config.json", self.model.args.to_hf_config())
+
+    def load_checkpoint(self) -> dict | None:
+        """Restore the latest complete checkpoint of the run directory; returns its state or None."""
+        import json
+
+        from safetensors.torch import load_file
+
+        done = sorted(p for p in (self.run_dir / "checkpoints").glob("step-*") if (p / "state.json").exists())
+        if not done:
+            return None
+        path = done[-1]
+        state = json.loads((path / "state.json").read_text())
+        if state.get("global_batch") != self.global_batch:
+            raise ValueError(f"{path}: saved with a global batch of {state.get('global_batch')} rows, this run "
+                             f"has {self.global_batch} (batch_size x grad_accum x ranks); resume with the "
+                             "same settings")
+        weights = load_file(str(path / "weights.safetensors"), device=str(self.device))
+        if set(weights) != set(self.params):
+            raise ValueError(f"{path}: weights do not match this model's trainable parameters "
+                             f"(e.g. {sorted(set(weights) ^ set(self.params))[:3]})")
+        with torch.no_grad():
+            for k, v in weights.items():
+                self.params[k].copy_(v)
+        self.optimizer.load_state_dict(load_file(str(path / "optimizer.safetensors"), device=str(self.device)),
+                                       str(path))
+        return state
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict:
+        """Train to `cfg.steps` (from the latest checkpoint when `resume`); returns the "end" event."""
+        start_step, tokens, elapsed0, best_val = 0, 0, 0.0, None
+        if resume:
+            state = self.load_checkpoint()
+            if state is None:
+                raise ValueError(f"--resume: {self.run_dir}/checkpoints has no complete checkpoint")
+            start_step, tokens = state["step"], state["tokens"]
+            elapsed0, best_val = state["elapsed"], state["best_val_loss"]
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            return self._loop(start_step, tokens, elapsed0, best_val)
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+
+    def _on_sigint(self, signum, frame):
+        if self._stop:
+            raise KeyboardInterrupt
+        self._stop = True
+
+    def _latest_ckpt(self):
+        done = sorted(p for p in (self.run_dir / "checkpoints").glob("step-*") if (p / "state.json").exists())
+        return done[-1] if done else None
+
+    def _loop(self, start_step, tokens, elapsed0, best_val) -> dict:
+        cfg, dev = self.cfg, self.device
+        t0 = time.perf_counter() - elapsed0
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        self._emit({"event": "start", "run_dir": str(self.run_dir), "model": self.model_name, "backend": "torch",
+                    "device": str(dev), "fine_tune": cfg.fine_tune, "rank_policy": cfg.rank_policy,
+                    "trainable_params": sum(p.numel() for p in self.params.values()),
+                    "total_params": total_count(self.model), "total_steps": cfg.steps, "start_step": start_step,
+                    "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                    "packing": cfg.packing, "packing_efficiency": self.train_rows.efficiency,
+                    "memory_total": memory_total(dev)})
+        last_loss, reason, message, last_ckpt = None, "done", "", None
+        step = start_step
+        t_log, tok_log, step_log = time.perf_counter(), tokens, start_step
+
+        def state_extra():
+            return {"tokens": tokens, "elapsed": time.perf_counter() - t0, "best_val_loss": best_val,
+                    "last_loss": last_loss}
+
+        while step < cfg.steps:
+            lr = warmup_cosine(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+            loss_v, n_tok = self.train_step(step)
+            if not math.isfinite(loss_v):
+                reason = "nan"
+                ck = last_ckpt or self._latest_ckpt()
+                kept = f"the last good checkpoint is {ck}" if ck else "no checkpoint was written before it"
+                message = (f"loss is {loss_v} at step {step + 1}; stopped before applying that update, {kept}. "
+                           "Lower the learning rate (lr), enable grad_clip, or check the data.")
+                break
+            norm = clip_grad_norm(list(self.params.values()), cfg.grad_clip)
+            self.optimizer.update(lr)
+            step += 1
+            tokens += n_tok
+            last_loss = loss_v
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                dt = max(now - t_log, 1e-9)
+                self._emit({"event": "train", "step": step, "loss": loss_v, "lr": lr, "grad_norm": norm,
+                            "tokens": tokens, "tokens_per_sec": (tokens - tok_log) / dt,
+                            "it_per_sec": (step - step_log) / dt, "elapsed": now - t0,
+                            "peak_memory": peak_memory(dev), "active_memory": active_memory(dev),
+                            "packing_efficiency": self.train_rows.efficiency})
+                t_log, tok_log, step_log = now, tokens, step
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                val = self.evaluate()
+                if val is not None:
+                    best_val = val if best_val is None else min(best_val, val)
+                    self._emit({"event": "eval", "step": step, "val_loss": val,
+                                "val_ppl": math.exp(min(val, 700.0))})
+            if self._stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                if self.rank == 0:
+                    last_ckpt = self.save_checkpoint(step, state_extra())
+                    self._emit({"event": "checkpoint", "step": step, "path": str(last_ckpt)})
+            if self._stop and step < cfg.steps:
+                reason = "interrupted"
+                message = (f"interrupted after step {step}; checkpoint {last_ckpt}. Resume with: "
+                           f"mlx-mistral train --backend torch --out {self.run_dir} --resume")
+                break
+        if reason == "done":
+            message = f"trained {step} steps; adapters in {self.run_dir}"
+        end = {"event": "end", "step": step, "reason": reason, "elapsed": time.perf_counter() - t0,
+               "final_loss": last_loss, "best_val_loss": best_val, "tokens": tokens,
+               "peak_memory": peak_memory(dev), "run_dir": str(self.run_dir),
+               "adapter_path": str(self.run_dir / ("adapters.safetensors" if self.lora_config is not None
+                                                   else "model.safetensors")),
+               "message": message}
+        self._emit(dict(end))
+        return end
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def total_count(model) -> int:
+    """Parameters of the model, counting 4-bit weights at their unpacked size."""
+    n = 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        n += int(np.prod(qs.shape)) if qs is not None else p.numel()
+    return n
+
+
+def _save(path: Path, tensors: dict):
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
+# ---- putting a run together ------------------------------------------------------------------------------
+def prepare_model(model, cfg: TrainConfig, model_name: str):
+    """Quantize (QLoRA, bitsandbytes NF4 on CUDA), add adapters or unfreeze (full); returns the
+    adapter_config dict or None. The torch twin of `trainer.prepare_model`."""
+    if cfg.quantize:
+        if cfg.quantize != 4:
+            raise ValueError(f"config key 'quantize' = {cfg.quantize}: the torch backend quantizes to 4-bit NF4 "
+                             "(bitsandbytes) only; use quantize: 4 or the MLX backend")
+        quantize_4bit(model)
+    if cfg.fine_tune == "full":
+        model.requires_grad_(True)
+        return None
+    specs = apply_lora(model, cfg.targets, cfg.num_layers, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                       cfg.rank_policy, cfg.rank_floor, cfg.rank_pattern or None, cfg.alpha_pattern or None,
+                       seed=cfg.seed)
+    return adapter_config(specs, base_model=model_name, args=model.args, targets=cfg.targets,
+                          num_layers=cfg.num_layers, policy=cfg.rank_policy, rank=cfg.lora_rank,
+                          alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
