@@ -10,7 +10,6 @@ strict: missing or unexpected tensors are an error that lists them.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelArgs
 from .model import Model
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import load_tokenizer
 
 _DTYPES = {"float32": mx.float32, "fp32": mx.float32, "float16": mx.float16, "fp16": mx.float16,
            "bfloat16": mx.bfloat16, "bf16": mx.bfloat16}

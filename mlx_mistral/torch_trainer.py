@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import checkpoints
 from .schedule import warmup_cosine
 from .trainer import Rows, TrainConfig, batch_rows, dropout_seed, micro_rows  # noqa: F401
 from .torch_lora import adapter_config, adapter_weights, apply_lora, quantize_4bit, save_adapters
@@ -280,27 +280,16 @@ class TorchTrainer:
     def save_checkpoint(self, step: int, extra: dict) -> Path:
         """checkpoints/step-NNNNNNN/{weights,optimizer}.safetensors + state.json, written to a temp directory
         and renamed into place; then prune to the last `keep_checkpoints`."""
-        from .io import write_json
-
-        ck_root = self.run_dir / "checkpoints"
-        final = ck_root / f"step-{step:07d}"
-        tmp = ck_root / f".step-{step:07d}.tmp{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        _save(tmp / "weights.safetensors", self._weights())
-        _save(tmp / "optimizer.safetensors", self.optimizer.state_dict())
         state = {"step": step, "data_position": step * self.global_batch, "seed": self.cfg.seed,
                  "global_batch": self.global_batch, "backend": "torch",
                  "rng": "stateless: data order from (seed, epoch), dropout from (seed, step, micro, rank)",
                  **extra}
-        write_json(tmp / "state.json", state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        done = sorted(p for p in ck_root.glob("step-*") if (p / "state.json").exists())
-        for old in done[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(old)
+
+        def tensors(tmp: Path):
+            _save(tmp / "weights.safetensors", self._weights())
+            _save(tmp / "optimizer.safetensors", self.optimizer.state_dict())
+
+        final = checkpoints.write(self.run_dir, step, state, tensors, self.cfg.keep_checkpoints)
         self.save_outputs()
         return final
 
@@ -318,19 +307,12 @@ class TorchTrainer:
 
     def load_checkpoint(self) -> dict | None:
         """Restore the latest complete checkpoint of the run directory; returns its state or None."""
-        import json
-
         from safetensors.torch import load_file
 
-        done = sorted(p for p in (self.run_dir / "checkpoints").glob("step-*") if (p / "state.json").exists())
-        if not done:
+        path = checkpoints.latest(self.run_dir)
+        if path is None:
             return None
-        path = done[-1]
-        state = json.loads((path / "state.json").read_text())
-        if state.get("global_batch") != self.global_batch:
-            raise ValueError(f"{path}: saved with a global batch of {state.get('global_batch')} rows, this run "
-                             f"has {self.global_batch} (batch_size x grad_accum x ranks); resume with the "
-                             "same settings")
+        state = checkpoints.read_state(path, self.global_batch)
         weights = load_file(str(path / "weights.safetensors"), device=str(self.device))
         if set(weights) != set(self.params):
             raise ValueError(f"{path}: weights do not match this model's trainable parameters "
@@ -366,10 +348,6 @@ class TorchTrainer:
             raise KeyboardInterrupt
         self._stop = True
 
-    def _latest_ckpt(self):
-        done = sorted(p for p in (self.run_dir / "checkpoints").glob("step-*") if (p / "state.json").exists())
-        return done[-1] if done else None
-
     def _loop(self, start_step, tokens, elapsed0, best_val) -> dict:
         cfg, dev = self.cfg, self.device
         t0 = time.perf_counter() - elapsed0
@@ -395,7 +373,7 @@ class TorchTrainer:
             loss_v, n_tok = self.train_step(step)
             if not math.isfinite(loss_v):
                 reason = "nan"
-                ck = last_ckpt or self._latest_ckpt()
+                ck = last_ckpt or checkpoints.latest(self.run_dir)
                 kept = f"the last good checkpoint is {ck}" if ck else "no checkpoint was written before it"
                 message = (f"loss is {loss_v} at step {step + 1}; stopped before applying that update, {kept}. "
                            "Lower the learning rate (lr), enable grad_clip, or check the data.")

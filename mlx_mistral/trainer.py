@@ -26,15 +26,12 @@ their keys are the shared interface documented in the project's trainer contract
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -43,6 +40,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
+from . import checkpoints
 from .io import save_safetensors, write_json, write_text
 from .lora import adapter_config, adapter_weights, apply_lora, save_adapters
 from .packing import next_token_targets
@@ -409,25 +407,16 @@ class Trainer:
     def save_checkpoint(self, step: int, extra: dict) -> Path:
         """checkpoints/step-NNNNNNN/{weights,optimizer}.safetensors + state.json, written to a temp
         directory and renamed into place; then prune to the last `keep_checkpoints`."""
-        ck_root = self.run_dir / "checkpoints"
-        final = ck_root / f"step-{step:07d}"
-        tmp = ck_root / f".step-{step:07d}.tmp{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_safetensors(tmp / "weights.safetensors", self._weights())
-        save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(self.optimizer.state)))
         state = {"step": step, "data_position": step * self.global_batch, "seed": self.cfg.seed,
                  "global_batch": self.global_batch,
                  "rng": "stateless: data order from (seed, epoch), dropout from (seed, step, micro, rank)",
                  **extra}
-        write_json(tmp / "state.json", state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        done = sorted(p for p in ck_root.glob("step-*") if (p / "state.json").exists())
-        for old in done[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(old)
+
+        def tensors(tmp: Path):
+            save_safetensors(tmp / "weights.safetensors", self._weights())
+            save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(self.optimizer.state)))
+
+        final = checkpoints.write(self.run_dir, step, state, tensors, self.cfg.keep_checkpoints)
         self.save_outputs()
         return final
 
@@ -444,16 +433,10 @@ class Trainer:
 
     def load_checkpoint(self) -> dict | None:
         """Restore the latest complete checkpoint of the run directory; returns its state or None."""
-        ck_root = self.run_dir / "checkpoints"
-        done = sorted(p for p in ck_root.glob("step-*") if (p / "state.json").exists())
-        if not done:
+        path = checkpoints.latest(self.run_dir)
+        if path is None:
             return None
-        path = done[-1]
-        state = json.loads((path / "state.json").read_text())
-        if state.get("global_batch") != self.global_batch:
-            raise ValueError(f"{path}: saved with a global batch of {state.get('global_batch')} rows, this run "
-                             f"has {self.global_batch} (batch_size x grad_accum x ranks); resume with the "
-                             "same settings")
+        state = checkpoints.read_state(path, self.global_batch)
         weights = mx.load(str(path / "weights.safetensors"))
         expected = dict(tree_flatten(self.model.trainable_parameters()))
         if set(weights) != set(expected):
@@ -473,7 +456,6 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         """Train to `cfg.steps` (from the latest checkpoint when `resume`); returns the "end" event."""
-        cfg = self.cfg
         start_step, tokens, elapsed0, best_val = 0, 0, 0.0, None
         if resume:
             state = self.load_checkpoint()
@@ -520,8 +502,8 @@ class Trainer:
             loss_v, grads, n_tok = self.train_step(step)
             if not math.isfinite(loss_v):
                 reason = "nan"
-                kept = f"the last good checkpoint is {last_ckpt or self._latest_ckpt()}" \
-                    if (last_ckpt or self._latest_ckpt()) else "no checkpoint was written before it"
+                kept = f"the last good checkpoint is {last_ckpt or checkpoints.latest(self.run_dir)}" \
+                    if (last_ckpt or checkpoints.latest(self.run_dir)) else "no checkpoint was written before it"
                 message = (f"loss is {loss_v} at step {step + 1}; stopped before applying that update, {kept}. "
                            "Lower the learning rate (lr), enable grad_clip, or check the data.")
                 break
@@ -565,10 +547,6 @@ class Trainer:
                "message": message}
         self._emit(dict(end))
         return end
-
-    def _latest_ckpt(self):
-        done = sorted(p for p in (self.run_dir / "checkpoints").glob("step-*") if (p / "state.json").exists())
-        return done[-1] if done else None
 
 
 # ---- putting a run together -----------------------------------------------------------------------------------
