@@ -134,7 +134,8 @@ def main():
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        import mlx_mistral  # noqa: F401  (OpenBLAS before mlx.core)
+        if a.worker != "hf":  # HF+PEFT runs as users run it: torch alone, without our OpenBLAS preload
+            import mlx_mistral  # noqa: F401  (OpenBLAS before mlx.core)
 
         res = worker_hf(a.model_dir, a.data, a.steps) if a.worker == "hf" else \
             worker_ours(a.worker, a.model_dir, a.data, a.steps)

@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 #: What happened: ``{"loaded": path or None, "reason": text}``; shown by ``mlx-mistral info``.
@@ -64,3 +65,32 @@ def preload_openblas() -> dict:
     STATUS.update(loaded=None, reason="no OpenBLAS found (apt install libopenblas0-pthread); "
                   + "; ".join(errors))
     return STATUS
+
+
+@contextmanager
+def single_threaded_openblas():
+    """Run torch CPU work with the OpenBLAS that `mlx_mistral` preloads for MLX limited to one thread.
+
+    `_blas.py` loads OpenBLAS with RTLD_GLOBAL before torch, so torch's CPU SDPA kernel, which calls small
+    GEMMs from inside its own OpenMP threads, resolves them to OpenBLAS; OpenBLAS then starts its own
+    threads under each OpenMP thread and the two pools fight over the cores. Measured here (2 cores, batch 4
+    x seq 512, 12 heads, 4 KV heads, window 256): one masked SDPA forward took 170-230 ms with OpenBLAS
+    preloaded against 23-28 ms without it, or with OpenBLAS at one thread. torch's own matmuls (MKL) are
+    not affected; results do not change. The previous thread count is restored on exit (MLX's matmuls
+    want it).
+    """
+    lib = None
+    if STATUS.get("loaded"):
+        try:
+            lib = ctypes.CDLL(STATUS["loaded"])
+            before = lib.openblas_get_num_threads()
+        except (OSError, AttributeError):  # not an OpenBLAS after all
+            lib = None
+    if lib is None:
+        yield
+        return
+    lib.openblas_set_num_threads(1)
+    try:
+        yield
+    finally:
+        lib.openblas_set_num_threads(before)

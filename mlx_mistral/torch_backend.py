@@ -86,6 +86,7 @@ def stream_generate_torch(model, prompt: list[int], max_tokens: int = 100, temp:
     one token at a time. Greedy output equals the MLX backend's; sampled output uses torch's RNG."""
     import torch
 
+    from ._blas import single_threaded_openblas
     from .torch_model import make_cache
 
     if not prompt:
@@ -96,7 +97,7 @@ def stream_generate_torch(model, prompt: list[int], max_tokens: int = 100, temp:
     gen = torch.Generator(device=device).manual_seed(seed)
     cache = make_cache(model)
     tokens = torch.tensor([prompt], device=device)  # (1, P)
-    with torch.inference_mode():
+    with torch.inference_mode(), single_threaded_openblas():
         for start in range(0, tokens.shape[1] - 1, prefill_chunk):
             model(tokens[:, start:min(start + prefill_chunk, tokens.shape[1] - 1)], cache=cache)
         y = tokens[:, -1:]

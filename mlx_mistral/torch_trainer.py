@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from . import checkpoints
 from .schedule import warmup_cosine
 from .trainer import Rows, TrainConfig, batch_rows, dropout_seed, micro_rows  # noqa: F401
+from ._blas import single_threaded_openblas
 from .torch_lora import adapter_config, adapter_weights, apply_lora, quantize_4bit, save_adapters
 
 
@@ -157,12 +158,13 @@ def dataset_loss(model, rows: Rows, batch_size: int = 4) -> tuple[float, int]:
     """(mean token loss, number of loss tokens) of `model` over all `rows`, fp32, in batches."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        idx = np.arange(i, min(i + batch_size, len(rows)))
-        batch = (torch.as_tensor(np.asarray(a[idx], np.int64), device=device)
-                 for a in (rows.tokens, rows.segment_ids, rows.positions, rows.targets, rows.weights))
-        s, n = token_losses(model, *batch)
-        total, count = total + float(s), count + int(n)
+    with single_threaded_openblas():  # see _blas.single_threaded_openblas
+        for i in range(0, len(rows), batch_size):
+            idx = np.arange(i, min(i + batch_size, len(rows)))
+            batch = (torch.as_tensor(np.asarray(a[idx], np.int64), device=device)
+                     for a in (rows.tokens, rows.segment_ids, rows.positions, rows.targets, rows.weights))
+            s, n = token_losses(model, *batch)
+            total, count = total + float(s), count + int(n)
     return total / max(count, 1), count
 
 
@@ -338,7 +340,8 @@ class TorchTrainer:
         if threading.current_thread() is threading.main_thread():
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            return self._loop(start_step, tokens, elapsed0, best_val)
+            with single_threaded_openblas():  # CPU SDPA ran ~7x slower under OpenBLAS's threads
+                return self._loop(start_step, tokens, elapsed0, best_val)
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
