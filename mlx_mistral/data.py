@@ -16,6 +16,8 @@ the hashes of the data file and the tokenizer file and the format options; a sec
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -185,6 +187,23 @@ def load_dataset(path: str | Path, tokenizer: Tokenizer, split: str = "train", l
 
 
 # ---- CLI: a thin layer over the functions above ------------------------------------------------------
+@contextlib.contextmanager
+def progress_bar(label: str = "tokenizing", console=None):
+    """A transient rich progress bar (CLI use); yields the `progress(bytes_done, bytes_total)` callback
+    that `load_dataset` takes. Nothing is drawn on a cache hit."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    console = console or Console()
+    if not console.is_terminal:  # a log file or a pipe: no bar, not even a blank line
+        yield None
+        return
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 def _cli_tokenizer(model: str) -> Tokenizer:
     """A tokenizer from a model directory, a tokenizer file, or a Hub repo id (tokenizer files only)."""
     from .tokenizer import find_tokenizer_file
@@ -231,7 +250,6 @@ def data_group():
 def inspect_cmd(data, model, seq_len, split, overlap, loss_on, skip_invalid, no_cache):
     """Documents, tokens, length histogram and packing efficiency of DATA (a .jsonl file or directory)."""
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
     from rich.table import Table
 
     from .packing import length_histogram, pack
@@ -240,13 +258,10 @@ def inspect_cmd(data, model, seq_len, split, overlap, loss_on, skip_invalid, no_
     tok = _cli_tokenizer(model)
     if overlap >= seq_len:
         raise click.BadParameter(f"must be smaller than --seq-len ({seq_len})", param_hint="--overlap")
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("tokenizing", total=None)
+    with progress_bar(console=console) as progress:
         try:
             docs, masks, stats = load_dataset(data, tok, split, loss_on=loss_on, skip_invalid=skip_invalid,
-                                              cache=not no_cache,
-                                              progress=lambda d, t: bar.update(task, completed=d, total=t))
+                                              cache=not no_cache, progress=progress)
         except ValueError as e:
             raise click.ClickException(str(e)) from None
 

@@ -34,7 +34,7 @@ def resolve_model(spec: str, run_dir: Path, seed: int = 0, group=None) -> Path:
 
 def load_rows(data: str, tok, cfg, split: str):
     """Packed `Rows` of one split of a dataset directory (None when the split does not exist)."""
-    from .data import load_dataset, resolve_split
+    from .data import load_dataset, progress_bar, resolve_split
     from .packing import pack
     from .trainer import Rows
 
@@ -44,7 +44,8 @@ def load_rows(data: str, tok, cfg, split: str):
         if split == "train":
             raise
         return None, None
-    docs, masks, _ = load_dataset(data, tok, split)
+    with progress_bar(f"tokenizing {split}") as progress:
+        docs, masks, _ = load_dataset(data, tok, split, progress=progress)
     packed = pack(docs, cfg.seq_len, masks, overlap=cfg.overlap, mode=cfg.packing)
     return Rows.from_packed(packed), packed
 
