@@ -2,7 +2,8 @@
 
 Notable:
 - Everything that decides *what* is computed is imported from `trainer.py`: `TrainConfig`, the data
-  order (`batch_rows`, `micro_rows`), the dropout seed of each micro-step, `Rows`. The loss is the same
+  order (`batch_rows`, `micro_rows`), the dropout seed of each micro-step, `Rows`, and the step loop with
+  its events, checkpoints, resume, SIGINT and NaN handling (`TrainLoop`). The loss is the same
   sum of token losses over the global batch divided by its number of loss tokens, so with fp32, dropout 0
   and the same initial adapters both backends take the same steps (tests/test_torch_trainer.py).
 - AdamW written out (`AdamW` below) with MLX's formula and its `bias_correction` switch, rather than
@@ -19,11 +20,7 @@ Notable:
 
 from __future__ import annotations
 
-import math
 import os
-import signal
-import threading
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -32,8 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints
-from .schedule import warmup_cosine
-from .trainer import Rows, TrainConfig, batch_rows, dropout_seed, micro_rows  # noqa: F401
+from .trainer import Rows, TrainConfig, TrainLoop, batch_rows, dropout_seed, micro_rows  # noqa: F401
 from ._blas import single_threaded_openblas
 from .torch_lora import adapter_config, adapter_weights, apply_lora, quantize_4bit, save_adapters
 
@@ -169,7 +165,7 @@ def dataset_loss(model, rows: Rows, batch_size: int = 4) -> tuple[float, int]:
 
 
 # ---- the trainer --------------------------------------------------------------------------------------
-class TorchTrainer:
+class TorchTrainer(TrainLoop):
     """Runs `cfg.steps` optimizer steps on `train` rows, writing the run directory (rank 0); the torch twin
     of `trainer.Trainer` (same constructor, same `run`, same events and files).
 
@@ -177,6 +173,8 @@ class TorchTrainer:
     `device`; under `torchrun` the trainer joins the process group itself (`group` is accepted for the
     MLX trainer's signature and must be None).
     """
+
+    backend = "torch"
 
     def __init__(self, model, cfg: TrainConfig, train: Rows, val: Rows | None = None, run_dir=None,
                  callbacks=(), lora_config: dict | None = None, model_name: str = "", group=None,
@@ -211,14 +209,25 @@ class TorchTrainer:
             self.forward = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                find_unused_parameters=model.args.is_moe and lora_config is None)
 
-    def stop(self):
-        """Ask the run to stop (with a checkpoint) at the next optimizer-step boundary."""
-        self._stop = True
+    # -- backend hooks of TrainLoop -----------------------------------------------------------------------
+    def _device_name(self) -> str:
+        return str(self.device)
 
-    def _emit(self, event: dict):
-        event = {"event": event.pop("event"), "time": time.time(), **event}
-        for cb in self.callbacks:
-            cb(event)
+    def _counts(self) -> tuple[int, int]:
+        return sum(p.numel() for p in self.params.values()), total_count(self.model)
+
+    def _memory(self) -> tuple[int, int]:
+        return peak_memory(self.device), active_memory(self.device)
+
+    def _memory_total(self) -> int:
+        return memory_total(self.device)
+
+    def _reset_peak(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _context(self):
+        return single_threaded_openblas()  # CPU SDPA ran ~7x slower under OpenBLAS's threads
 
     def _take(self, rows: Rows, idx) -> tuple:
         arrays = (rows.tokens, rows.segment_ids, rows.positions, rows.targets, rows.weights)
@@ -235,8 +244,9 @@ class TorchTrainer:
         return x
 
     # -- one optimizer step -------------------------------------------------------------------------------
-    def train_step(self, step: int) -> tuple[float, int]:
-        """Accumulate the gradient of the global batch of `step` into `.grad`; returns (loss, loss tokens)."""
+    def train_step(self, step: int):
+        """Accumulate the gradient of the global batch of `step` into `.grad`; returns (loss, update, loss
+        tokens); the caller applies `update(lr)` after checking the loss."""
         cfg = self.cfg
         rows = batch_rows(cfg.seed, step, self.global_batch, len(self.train_rows))
         n_tokens = int(self.train_rows.weights[rows].sum())
@@ -253,7 +263,13 @@ class TorchTrainer:
                 s, _ = token_losses(self.forward, *self._take(self.train_rows, idx))
             (s * (self.world / denom)).backward()  # DDP averages over ranks: undo it
             loss_sum += s.detach()
-        return float(self._all_sum(loss_sum)) / denom, n_tokens
+        return float(self._all_sum(loss_sum)) / denom, self._apply, n_tokens
+
+    def _apply(self, lr: float) -> float:
+        """Clip the accumulated gradient and take an AdamW step at `lr`; returns the global norm."""
+        norm = clip_grad_norm(list(self.params.values()), self.cfg.grad_clip)
+        self.optimizer.update(lr)
+        return norm
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -279,21 +295,9 @@ class TorchTrainer:
             return adapter_weights(self.model)
         return dict(self.params)
 
-    def save_checkpoint(self, step: int, extra: dict) -> Path:
-        """checkpoints/step-NNNNNNN/{weights,optimizer}.safetensors + state.json, written to a temp directory
-        and renamed into place; then prune to the last `keep_checkpoints`."""
-        state = {"step": step, "data_position": step * self.global_batch, "seed": self.cfg.seed,
-                 "global_batch": self.global_batch, "backend": "torch",
-                 "rng": "stateless: data order from (seed, epoch), dropout from (seed, step, micro, rank)",
-                 **extra}
-
-        def tensors(tmp: Path):
-            _save(tmp / "weights.safetensors", self._weights())
-            _save(tmp / "optimizer.safetensors", self.optimizer.state_dict())
-
-        final = checkpoints.write(self.run_dir, step, state, tensors, self.cfg.keep_checkpoints)
-        self.save_outputs()
-        return final
+    def _write_tensors(self, tmp: Path):
+        _save(tmp / "weights.safetensors", self._weights())
+        _save(tmp / "optimizer.safetensors", self.optimizer.state_dict())
 
     def save_outputs(self):
         """The run's current result: adapters (+ config) for LoRA, a full model directory otherwise."""
@@ -325,101 +329,6 @@ class TorchTrainer:
         self.optimizer.load_state_dict(load_file(str(path / "optimizer.safetensors"), device=str(self.device)),
                                        str(path))
         return state
-
-    # -- the loop ---------------------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict:
-        """Train to `cfg.steps` (from the latest checkpoint when `resume`); returns the "end" event."""
-        start_step, tokens, elapsed0, best_val = 0, 0, 0.0, None
-        if resume:
-            state = self.load_checkpoint()
-            if state is None:
-                raise ValueError(f"--resume: {self.run_dir}/checkpoints has no complete checkpoint")
-            start_step, tokens = state["step"], state["tokens"]
-            elapsed0, best_val = state["elapsed"], state["best_val_loss"]
-        old_handler = None
-        if threading.current_thread() is threading.main_thread():
-            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        try:
-            with single_threaded_openblas():  # CPU SDPA ran ~7x slower under OpenBLAS's threads
-                return self._loop(start_step, tokens, elapsed0, best_val)
-        finally:
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
-
-    def _on_sigint(self, signum, frame):
-        if self._stop:
-            raise KeyboardInterrupt
-        self._stop = True
-
-    def _loop(self, start_step, tokens, elapsed0, best_val) -> dict:
-        cfg, dev = self.cfg, self.device
-        t0 = time.perf_counter() - elapsed0
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        self._emit({"event": "start", "run_dir": str(self.run_dir), "model": self.model_name, "backend": "torch",
-                    "device": str(dev), "fine_tune": cfg.fine_tune, "rank_policy": cfg.rank_policy,
-                    "trainable_params": sum(p.numel() for p in self.params.values()),
-                    "total_params": total_count(self.model), "total_steps": cfg.steps, "start_step": start_step,
-                    "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                    "packing": cfg.packing, "packing_efficiency": self.train_rows.efficiency,
-                    "memory_total": memory_total(dev)})
-        last_loss, reason, message, last_ckpt = None, "done", "", None
-        step = start_step
-        t_log, tok_log, step_log = time.perf_counter(), tokens, start_step
-
-        def state_extra():
-            return {"tokens": tokens, "elapsed": time.perf_counter() - t0, "best_val_loss": best_val,
-                    "last_loss": last_loss}
-
-        while step < cfg.steps:
-            lr = warmup_cosine(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-            loss_v, n_tok = self.train_step(step)
-            if not math.isfinite(loss_v):
-                reason = "nan"
-                ck = last_ckpt or checkpoints.latest(self.run_dir)
-                kept = f"the last good checkpoint is {ck}" if ck else "no checkpoint was written before it"
-                message = (f"loss is {loss_v} at step {step + 1}; stopped before applying that update, {kept}. "
-                           "Lower the learning rate (lr), enable grad_clip, or check the data.")
-                break
-            norm = clip_grad_norm(list(self.params.values()), cfg.grad_clip)
-            self.optimizer.update(lr)
-            step += 1
-            tokens += n_tok
-            last_loss = loss_v
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                dt = max(now - t_log, 1e-9)
-                self._emit({"event": "train", "step": step, "loss": loss_v, "lr": lr, "grad_norm": norm,
-                            "tokens": tokens, "tokens_per_sec": (tokens - tok_log) / dt,
-                            "it_per_sec": (step - step_log) / dt, "elapsed": now - t0,
-                            "peak_memory": peak_memory(dev), "active_memory": active_memory(dev),
-                            "packing_efficiency": self.train_rows.efficiency})
-                t_log, tok_log, step_log = now, tokens, step
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                val = self.evaluate()
-                if val is not None:
-                    best_val = val if best_val is None else min(best_val, val)
-                    self._emit({"event": "eval", "step": step, "val_loss": val,
-                                "val_ppl": math.exp(min(val, 700.0))})
-            if self._stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-                if self.rank == 0:
-                    last_ckpt = self.save_checkpoint(step, state_extra())
-                    self._emit({"event": "checkpoint", "step": step, "path": str(last_ckpt)})
-            if self._stop and step < cfg.steps:
-                reason = "interrupted"
-                message = (f"interrupted after step {step}; checkpoint {last_ckpt}. Resume with: "
-                           f"mlx-mistral train --backend torch --out {self.run_dir} --resume")
-                break
-        if reason == "done":
-            message = f"trained {step} steps; adapters in {self.run_dir}"
-        end = {"event": "end", "step": step, "reason": reason, "elapsed": time.perf_counter() - t0,
-               "final_loss": last_loss, "best_val_loss": best_val, "tokens": tokens,
-               "peak_memory": peak_memory(dev), "run_dir": str(self.run_dir),
-               "adapter_path": str(self.run_dir / ("adapters.safetensors" if self.lora_config is not None
-                                                   else "model.safetensors")),
-               "message": message}
-        self._emit(dict(end))
-        return end
 
 
 def _device_of(model) -> torch.device:

@@ -25,6 +25,7 @@ their keys are the shared interface documented in the project's trainer contract
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -32,7 +33,9 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -275,13 +278,147 @@ def _bits_of(model, name: str) -> int:
 
 
 # ---- the trainer --------------------------------------------------------------------------------------------
-class Trainer:
+class TrainLoop:
+    """What both trainers share: the step loop, its events, checkpoints, SIGINT and NaN handling, resume.
+
+    A backend subclass provides `train_step(step) -> (loss, update, loss tokens)` where `update(lr)`
+    applies the accumulated gradient and returns the global gradient norm; `evaluate()`;
+    `_write_tensors(dir)` and `load_checkpoint()`; `save_outputs()`; `_counts()` (trainable, total);
+    `_memory()` (peak, active bytes); `_device_name()`; and may override `_context()` and `_reset_peak()`.
+    """
+
+    backend = ""
+
+    def stop(self):
+        """Ask the run to stop (with a checkpoint) at the next optimizer-step boundary."""
+        self._stop = True
+
+    def _emit(self, event: dict):
+        event = {"event": event.pop("event"), "time": time.time(), **event}
+        for cb in self.callbacks:
+            cb(event)
+
+    def _context(self):
+        return contextlib.nullcontext()
+
+    def _reset_peak(self):
+        pass
+
+    def save_checkpoint(self, step: int, extra: dict) -> Path:
+        """checkpoints/step-NNNNNNN/{weights,optimizer}.safetensors + state.json, written to a temp
+        directory and renamed into place (see checkpoints.py); then the run's current result."""
+        state = {"step": step, "data_position": step * self.global_batch, "seed": self.cfg.seed,
+                 "global_batch": self.global_batch, "backend": self.backend,
+                 "rng": "stateless: data order from (seed, epoch), dropout from (seed, step, micro, rank)",
+                 **extra}
+        final = checkpoints.write(self.run_dir, step, state, self._write_tensors, self.cfg.keep_checkpoints)
+        self.save_outputs()
+        return final
+
+    def run(self, resume: bool = False) -> dict:
+        """Train to `cfg.steps` (from the latest checkpoint when `resume`); returns the "end" event."""
+        start_step, tokens, elapsed0, best_val = 0, 0, 0.0, None
+        if resume:
+            state = self.load_checkpoint()
+            if state is None:
+                raise ValueError(f"--resume: {self.run_dir}/checkpoints has no complete checkpoint")
+            start_step, tokens = state["step"], state["tokens"]
+            elapsed0, best_val = state["elapsed"], state["best_val_loss"]
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            with self._context():
+                return self._loop(start_step, tokens, elapsed0, best_val)
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+
+    def _on_sigint(self, signum, frame):
+        if self._stop:  # a second Ctrl-C: stop now, without the checkpoint
+            raise KeyboardInterrupt
+        self._stop = True
+
+    def _loop(self, start_step, tokens, elapsed0, best_val) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter() - elapsed0
+        self._reset_peak()
+        trainable, total = self._counts()
+        self._emit({"event": "start", "run_dir": str(self.run_dir), "model": self.model_name,
+                    "backend": self.backend, "device": self._device_name(), "fine_tune": cfg.fine_tune,
+                    "rank_policy": cfg.rank_policy, "trainable_params": trainable, "total_params": total,
+                    "total_steps": cfg.steps, "start_step": start_step, "seq_len": cfg.seq_len,
+                    "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "packing": cfg.packing,
+                    "packing_efficiency": self.train_rows.efficiency, "memory_total": self._memory_total()})
+        last_loss, reason, message, last_ckpt = None, "done", "", None
+        step = start_step
+        t_log, tok_log, step_log = time.perf_counter(), tokens, start_step
+
+        def state_extra():
+            return {"tokens": tokens, "elapsed": time.perf_counter() - t0, "best_val_loss": best_val,
+                    "last_loss": last_loss}
+
+        while step < cfg.steps:
+            lr = warmup_cosine(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+            loss_v, update, n_tok = self.train_step(step)
+            if not math.isfinite(loss_v):
+                reason = "nan"
+                ck = last_ckpt or checkpoints.latest(self.run_dir)
+                kept = f"the last good checkpoint is {ck}" if ck else "no checkpoint was written before it"
+                message = (f"loss is {loss_v} at step {step + 1}; stopped before applying that update, {kept}. "
+                           "Lower the learning rate (lr), enable grad_clip, or check the data.")
+                break
+            norm = update(lr)
+            step += 1
+            tokens += n_tok
+            last_loss = loss_v
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                dt = max(now - t_log, 1e-9)
+                peak, active = self._memory()
+                self._emit({"event": "train", "step": step, "loss": loss_v, "lr": lr, "grad_norm": norm,
+                            "tokens": tokens, "tokens_per_sec": (tokens - tok_log) / dt,
+                            "it_per_sec": (step - step_log) / dt, "elapsed": now - t0,
+                            "peak_memory": peak, "active_memory": active,
+                            "packing_efficiency": self.train_rows.efficiency})
+                t_log, tok_log, step_log = now, tokens, step
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                val = self.evaluate()
+                if val is not None:
+                    best_val = val if best_val is None else min(best_val, val)
+                    self._emit({"event": "eval", "step": step, "val_loss": val,
+                                "val_ppl": math.exp(min(val, 700.0))})
+            if self._stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                if self.rank == 0:
+                    last_ckpt = self.save_checkpoint(step, state_extra())
+                    self._emit({"event": "checkpoint", "step": step, "path": str(last_ckpt)})
+            if self._stop and step < cfg.steps:
+                reason = "interrupted"
+                flag = f" --backend {self.backend}" if self.backend != "mlx" else ""
+                message = (f"interrupted after step {step}; checkpoint {last_ckpt}. Resume with: "
+                           f"mlx-mistral train{flag} --out {self.run_dir} --resume")
+                break
+        if reason == "done":
+            message = f"trained {step} steps; adapters in {self.run_dir}"
+        end = {"event": "end", "step": step, "reason": reason, "elapsed": time.perf_counter() - t0,
+               "final_loss": last_loss, "best_val_loss": best_val, "tokens": tokens,
+               "peak_memory": self._memory()[0], "run_dir": str(self.run_dir),
+               "adapter_path": str(self.run_dir / ("adapters.safetensors" if self.lora_config is not None
+                                                   else "model.safetensors")),
+               "message": message}
+        self._emit(dict(end))
+        return end
+
+
+class Trainer(TrainLoop):
     """Runs `cfg.steps` optimizer steps on `train` rows, writing the run directory (rank 0).
 
     `model` comes with LoRA already applied (or unfrozen for full fine-tuning); `lora_config` is the
     adapter_config.json dict (None for full fine-tuning, which saves `model.safetensors` instead).
     `group`: an `mx.distributed` group for data parallelism (None: single process).
     """
+
+    backend = "mlx"
 
     def __init__(self, model, cfg: TrainConfig, train: Rows, val: Rows | None = None, run_dir=None,
                  callbacks=(), lora_config: dict | None = None, model_name: str = "", group=None,
@@ -337,15 +474,21 @@ class Trainer:
             evaluate = mx.compile(evaluate, inputs=state, outputs=state)
         self._micro, self._update, self._evaluate = micro, update, evaluate
 
-    # -- control ----------------------------------------------------------------------------------------
-    def stop(self):
-        """Ask the run to stop (with a checkpoint) at the next optimizer-step boundary."""
-        self._stop = True
+    # -- backend hooks of TrainLoop -----------------------------------------------------------------------
+    def _device_name(self) -> str:
+        return str(mx.default_device())
 
-    def _emit(self, event: dict):
-        event = {"event": event.pop("event"), "time": time.time(), **event}
-        for cb in self.callbacks:
-            cb(event)
+    def _counts(self) -> tuple[int, int]:
+        return trainable_count(self.model), total_count(self.model)
+
+    def _memory(self) -> tuple[int, int]:
+        return mx.get_peak_memory(), mx.get_active_memory()
+
+    def _memory_total(self) -> int:
+        return memory_total()
+
+    def _reset_peak(self):
+        mx.reset_peak_memory()
 
     def _all_sum(self, x):
         if self.world == 1:
@@ -353,9 +496,9 @@ class Trainer:
         return tree_map(lambda a: mx.distributed.all_sum(a, group=self.group), x)
 
     # -- one optimizer step -------------------------------------------------------------------------------
-    def train_step(self, step: int) -> tuple[float, dict, int]:
-        """Accumulate the gradient of the global batch of `step`; returns (loss, grads, loss tokens).
-        The update is applied by the caller after checking the loss.
+    def train_step(self, step: int) -> tuple[float, "Callable[[float], float]", int]:
+        """Accumulate the gradient of the global batch of `step`; returns (loss, update, loss tokens).
+        The caller applies `update(lr)` after checking the loss.
 
         The reported loss adds the per-row loss sums of the whole global batch in float64, in global row
         order, so it does not depend on how rows were split across micro-steps and ranks."""
@@ -378,7 +521,14 @@ class Trainer:
         grads = self._all_sum(grads)
         mx.eval(row_sums)
         total = np.concatenate([np.array(r) for r in row_sums]).astype(np.float64).sum()
-        return float(total / max(n_tokens, 1)), grads, n_tokens
+        return float(total / max(n_tokens, 1)), partial(self._apply, grads), n_tokens
+
+    def _apply(self, grads, lr: float) -> float:
+        """Clip and apply `grads` at learning rate `lr`; returns the global gradient norm."""
+        self.optimizer.learning_rate = mx.array(lr, mx.float32)
+        norm = self._update(grads)
+        mx.eval(norm, self.model.parameters(), self.optimizer.state, mx.random.state)
+        return float(norm)
 
     def evaluate(self) -> float | None:
         """Mean token loss over the validation rows (sharded across ranks)."""
@@ -404,21 +554,9 @@ class Trainer:
             return adapter_weights(self.model)
         return dict(tree_flatten(self.model.trainable_parameters()))
 
-    def save_checkpoint(self, step: int, extra: dict) -> Path:
-        """checkpoints/step-NNNNNNN/{weights,optimizer}.safetensors + state.json, written to a temp
-        directory and renamed into place; then prune to the last `keep_checkpoints`."""
-        state = {"step": step, "data_position": step * self.global_batch, "seed": self.cfg.seed,
-                 "global_batch": self.global_batch,
-                 "rng": "stateless: data order from (seed, epoch), dropout from (seed, step, micro, rank)",
-                 **extra}
-
-        def tensors(tmp: Path):
-            save_safetensors(tmp / "weights.safetensors", self._weights())
-            save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(self.optimizer.state)))
-
-        final = checkpoints.write(self.run_dir, step, state, tensors, self.cfg.keep_checkpoints)
-        self.save_outputs()
-        return final
+    def _write_tensors(self, tmp: Path):
+        save_safetensors(tmp / "weights.safetensors", self._weights())
+        save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(self.optimizer.state)))
 
     def save_outputs(self):
         """The run's current result: adapters (+ config) for LoRA, a full model directory otherwise."""
@@ -454,99 +592,6 @@ class Trainer:
         return state
 
     # -- the loop ---------------------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict:
-        """Train to `cfg.steps` (from the latest checkpoint when `resume`); returns the "end" event."""
-        start_step, tokens, elapsed0, best_val = 0, 0, 0.0, None
-        if resume:
-            state = self.load_checkpoint()
-            if state is None:
-                raise ValueError(f"--resume: {self.run_dir}/checkpoints has no complete checkpoint")
-            start_step, tokens = state["step"], state["tokens"]
-            elapsed0, best_val = state["elapsed"], state["best_val_loss"]
-        old_handler = None
-        if threading.current_thread() is threading.main_thread():
-            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        try:
-            return self._loop(start_step, tokens, elapsed0, best_val)
-        finally:
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
-
-    def _on_sigint(self, signum, frame):
-        if self._stop:  # a second Ctrl-C: stop now, without the checkpoint
-            raise KeyboardInterrupt
-        self._stop = True
-
-    def _loop(self, start_step, tokens, elapsed0, best_val) -> dict:
-        cfg = self.cfg
-        t0 = time.perf_counter() - elapsed0
-        mx.reset_peak_memory()
-        self._emit({"event": "start", "run_dir": str(self.run_dir), "model": self.model_name, "backend": "mlx",
-                    "device": str(mx.default_device()), "fine_tune": cfg.fine_tune, "rank_policy": cfg.rank_policy,
-                    "trainable_params": trainable_count(self.model), "total_params": total_count(self.model),
-                    "total_steps": cfg.steps, "start_step": start_step, "seq_len": cfg.seq_len,
-                    "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "packing": cfg.packing,
-                    "packing_efficiency": self.train_rows.efficiency, "memory_total": memory_total()})
-        last_loss, reason, message = None, "done", ""
-        last_ckpt = None
-        step = start_step
-        t_log, tok_log, step_log = time.perf_counter(), tokens, start_step
-
-        def state_extra():
-            return {"tokens": tokens, "elapsed": time.perf_counter() - t0, "best_val_loss": best_val,
-                    "last_loss": last_loss}
-
-        while step < cfg.steps:
-            lr = warmup_cosine(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-            self.optimizer.learning_rate = mx.array(lr, mx.float32)
-            loss_v, grads, n_tok = self.train_step(step)
-            if not math.isfinite(loss_v):
-                reason = "nan"
-                kept = f"the last good checkpoint is {last_ckpt or checkpoints.latest(self.run_dir)}" \
-                    if (last_ckpt or checkpoints.latest(self.run_dir)) else "no checkpoint was written before it"
-                message = (f"loss is {loss_v} at step {step + 1}; stopped before applying that update, {kept}. "
-                           "Lower the learning rate (lr), enable grad_clip, or check the data.")
-                break
-            norm = self._update(grads)
-            mx.eval(norm, self.model.parameters(), self.optimizer.state, mx.random.state)
-            step += 1
-            tokens += n_tok
-            last_loss = loss_v
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                dt = max(now - t_log, 1e-9)
-                self._emit({"event": "train", "step": step, "loss": loss_v, "lr": lr, "grad_norm": float(norm),
-                            "tokens": tokens, "tokens_per_sec": (tokens - tok_log) / dt,
-                            "it_per_sec": (step - step_log) / dt, "elapsed": now - t0,
-                            "peak_memory": mx.get_peak_memory(), "active_memory": mx.get_active_memory(),
-                            "packing_efficiency": self.train_rows.efficiency})
-                t_log, tok_log, step_log = now, tokens, step
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                val = self.evaluate()
-                if val is not None:
-                    best_val = val if best_val is None else min(best_val, val)
-                    self._emit({"event": "eval", "step": step, "val_loss": val,
-                                "val_ppl": math.exp(min(val, 700.0))})
-            if self._stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-                if self.rank == 0:
-                    last_ckpt = self.save_checkpoint(step, state_extra())
-                    self._emit({"event": "checkpoint", "step": step, "path": str(last_ckpt)})
-            if self._stop and step < cfg.steps:
-                reason = "interrupted"
-                message = (f"interrupted after step {step}; checkpoint {last_ckpt}. Resume with: "
-                           f"mlx-mistral train --out {self.run_dir} --resume")
-                break
-        if reason == "done":
-            message = f"trained {step} steps; adapters in {self.run_dir}"
-        elapsed = time.perf_counter() - t0
-        end = {"event": "end", "step": step, "reason": reason, "elapsed": elapsed, "final_loss": last_loss,
-               "best_val_loss": best_val, "tokens": tokens, "peak_memory": mx.get_peak_memory(),
-               "run_dir": str(self.run_dir),
-               "adapter_path": str(self.run_dir / ("adapters.safetensors" if self.lora_config is not None
-                                                   else "model.safetensors")),
-               "message": message}
-        self._emit(dict(end))
-        return end
 
 
 # ---- putting a run together -----------------------------------------------------------------------------------
