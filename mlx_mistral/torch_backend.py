@@ -1,11 +1,11 @@
 """Choosing a backend, and generation on torch.
 
-`pick_backend("auto")`: MLX on Apple silicon; torch when CUDA is present; MLX on any other machine (a
-Linux CPU), because that is what `bench/bench_torch.py` measured fastest there: LoRA r16 on the 125M
-bench model, batch 4 x 512, fp32, 2 cores — MLX backend 183 tok/s, HF transformers + PEFT 95, our torch
-backend 62 (BENCHMARKS.md). `load(path, backend)` and `generate(...)` then run the same call on either.
-The CLI's `--backend` flag lives with the commands in `cli.py` / `trainer_cli.py`; this module adds no
-command of its own.
+`pick_backend("auto")`: MLX on Apple silicon; torch when CUDA is present; on any other machine (a Linux
+CPU) torch when it is installed, else MLX, because that is what `bench/bench_torch.py` measured fastest
+there: LoRA r16 on the 125M bench model, batch 4 x 512, fp32, 2 cores — torch backend 337 tok/s, HF
+transformers + PEFT 332, MLX backend 186 on equal-length data; 345 / 212 / 173 on variable-length data
+(BENCHMARKS.md). `load(path, backend)` and `generate(...)` then run the same call on either. The CLI's
+`--backend` flag lives with the commands in `cli.py` / `trainer_cli.py`; this module adds no command.
 """
 
 from __future__ import annotations
@@ -37,17 +37,7 @@ def pick_backend(requested: str = "auto") -> str:
         return "mlx"
     if platform.system() == "Darwin" and platform.machine() == "arm64":
         return "mlx"
-    if _cuda_available():
-        return "torch"
-    return "mlx"  # a CPU without Metal or CUDA: MLX measured faster (see the module docstring)
-
-
-def _cuda_available() -> bool:
-    if not _torch_importable():
-        return False
-    import torch
-
-    return torch.cuda.is_available()
+    return "torch" if _torch_importable() else "mlx"  # CUDA, or a CPU where torch measured faster
 
 
 def load(path_or_repo, backend: str = "auto", dtype=None):
@@ -86,7 +76,6 @@ def stream_generate_torch(model, prompt: list[int], max_tokens: int = 100, temp:
     one token at a time. Greedy output equals the MLX backend's; sampled output uses torch's RNG."""
     import torch
 
-    from ._blas import single_threaded_openblas
     from .torch_model import make_cache
 
     if not prompt:
@@ -97,7 +86,7 @@ def stream_generate_torch(model, prompt: list[int], max_tokens: int = 100, temp:
     gen = torch.Generator(device=device).manual_seed(seed)
     cache = make_cache(model)
     tokens = torch.tensor([prompt], device=device)  # (1, P)
-    with torch.inference_mode(), single_threaded_openblas():
+    with torch.inference_mode():
         for start in range(0, tokens.shape[1] - 1, prefill_chunk):
             model(tokens[:, start:min(start + prefill_chunk, tokens.shape[1] - 1)], cache=cache)
         y = tokens[:, -1:]

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from . import checkpoints
 from .trainer import Rows, TrainConfig, TrainLoop, batch_rows, dropout_seed, micro_rows  # noqa: F401
-from ._blas import single_threaded_openblas
 from .torch_lora import adapter_config, adapter_weights, apply_lora, quantize_4bit, save_adapters
 
 
@@ -154,13 +153,12 @@ def dataset_loss(model, rows: Rows, batch_size: int = 4) -> tuple[float, int]:
     """(mean token loss, number of loss tokens) of `model` over all `rows`, fp32, in batches."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    with single_threaded_openblas():  # see _blas.single_threaded_openblas
-        for i in range(0, len(rows), batch_size):
-            idx = np.arange(i, min(i + batch_size, len(rows)))
-            batch = (torch.as_tensor(np.asarray(a[idx], np.int64), device=device)
-                     for a in (rows.tokens, rows.segment_ids, rows.positions, rows.targets, rows.weights))
-            s, n = token_losses(model, *batch)
-            total, count = total + float(s), count + int(n)
+    for i in range(0, len(rows), batch_size):
+        idx = np.arange(i, min(i + batch_size, len(rows)))
+        batch = (torch.as_tensor(np.asarray(a[idx], np.int64), device=device)
+                 for a in (rows.tokens, rows.segment_ids, rows.positions, rows.targets, rows.weights))
+        s, n = token_losses(model, *batch)
+        total, count = total + float(s), count + int(n)
     return total / max(count, 1), count
 
 
@@ -225,9 +223,6 @@ class TorchTrainer(TrainLoop):
     def _reset_peak(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-
-    def _context(self):
-        return single_threaded_openblas()  # CPU SDPA ran ~7x slower under OpenBLAS's threads
 
     def _take(self, rows: Rows, idx) -> tuple:
         arrays = (rows.tokens, rows.segment_ids, rows.positions, rows.targets, rows.weights)

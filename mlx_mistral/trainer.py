@@ -25,7 +25,6 @@ their keys are the shared interface documented in the project's trainer contract
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -284,7 +283,7 @@ class TrainLoop:
     A backend subclass provides `train_step(step) -> (loss, update, loss tokens)` where `update(lr)`
     applies the accumulated gradient and returns the global gradient norm; `evaluate()`;
     `_write_tensors(dir)` and `load_checkpoint()`; `save_outputs()`; `_counts()` (trainable, total);
-    `_memory()` (peak, active bytes); `_device_name()`; and may override `_context()` and `_reset_peak()`.
+    `_memory()` (peak, active bytes); `_device_name()`; and may override `_reset_peak()`.
     """
 
     backend = ""
@@ -297,9 +296,6 @@ class TrainLoop:
         event = {"event": event.pop("event"), "time": time.time(), **event}
         for cb in self.callbacks:
             cb(event)
-
-    def _context(self):
-        return contextlib.nullcontext()
 
     def _reset_peak(self):
         pass
@@ -328,8 +324,7 @@ class TrainLoop:
         if threading.current_thread() is threading.main_thread():
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            with self._context():
-                return self._loop(start_step, tokens, elapsed0, best_val)
+            return self._loop(start_step, tokens, elapsed0, best_val)
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
