@@ -276,9 +276,9 @@ def read_adapter_config(run_dir: str | Path) -> dict:
     return cfg
 
 
-def load_adapters(model: nn.Module, run_dir: str | Path, dropout: float | None = None) -> dict:
-    """Add the adapters of a run directory to `model` (frozen), refusing any shape mismatch; returns the
-    adapter config. Raises ValueError naming the module, the expected and the found shapes."""
+def read_adapter_specs(run_dir: str | Path) -> tuple[dict, dict, Path]:
+    """(adapter_config, {module: ModuleSpec}, path of adapters.safetensors) of a run directory; both
+    backends read adapters through this."""
     run_dir = Path(run_dir)
     cfg = read_adapter_config(run_dir)
     specs = {name: ModuleSpec(int(m["rank"]), float(m["alpha"]), int(m["in"]), int(m["out"]))
@@ -286,18 +286,33 @@ def load_adapters(model: nn.Module, run_dir: str | Path, dropout: float | None =
     path = run_dir / "adapters.safetensors"
     if not path.exists():
         raise ValueError(f"{run_dir} has no adapters.safetensors")
-    weights = mx.load(str(path))
+    return cfg, specs, path
+
+
+def check_adapter_tensors(path: Path, specs: dict, shapes: dict[str, tuple]):
+    """Raise unless `shapes` (tensor name -> shape) holds exactly the lora_a (in, r) / lora_b (r, out)
+    of every module in `specs`."""
     for name, s in specs.items():
         for leaf, shape in (("lora_a", (s.n_in, s.rank)), ("lora_b", (s.rank, s.n_out))):
-            w = weights.get(f"{name}.{leaf}")
-            if w is None:
+            found = shapes.get(f"{name}.{leaf}")
+            if found is None:
                 raise ValueError(f"{path}: tensor {name}.{leaf} is missing")
-            if tuple(w.shape) != shape:
-                raise ValueError(f"{path}: {name}.{leaf} has shape {tuple(w.shape)}, adapter_config.json "
+            if tuple(found) != shape:
+                raise ValueError(f"{path}: {name}.{leaf} has shape {tuple(found)}, adapter_config.json "
                                  f"says {shape}")
-    extra = sorted(set(weights) - {f"{n}.{leaf}" for n in specs for leaf in ("lora_a", "lora_b")})
+    extra = sorted(set(shapes) - {f"{n}.{leaf}" for n in specs for leaf in ("lora_a", "lora_b")})
     if extra:
         raise ValueError(f"{path}: unexpected tensors {', '.join(extra[:4])}")
+
+
+def load_adapters(model: nn.Module, run_dir: str | Path, dropout: float | None = None) -> dict:
+    """Add the adapters of a run directory to `model` (frozen), refusing any shape mismatch; returns the
+    adapter config. Raises ValueError naming the module, the expected and the found shapes."""
+    from .loader import load_safetensors
+
+    cfg, specs, path = read_adapter_specs(run_dir)
+    weights = load_safetensors(path)
+    check_adapter_tensors(path, specs, {k: tuple(v.shape) for k, v in weights.items()})
     apply_specs(model, specs, cfg.get("dropout", 0.0) if dropout is None else dropout)
     model.load_weights(list(weights.items()), strict=False)
     return cfg

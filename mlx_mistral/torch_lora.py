@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .lora import (ADAPTER_FORMAT, ModuleSpec, adapter_config, plan_modules, read_adapter_config)  # noqa: F401
+from .lora import (ADAPTER_FORMAT, ModuleSpec, adapter_config, check_adapter_tensors, plan_modules,  # noqa: F401
+                   read_adapter_config, read_adapter_specs)
 
 
 # ---- the layer ---------------------------------------------------------------------------------------
@@ -136,25 +137,12 @@ def load_adapters(model: nn.Module, run_dir: str | Path, dropout: float | None =
     mismatch; returns the adapter config."""
     from safetensors.torch import load_file
 
-    run_dir = Path(run_dir)
-    cfg = read_adapter_config(run_dir)
-    specs = {name: ModuleSpec(int(m["rank"]), float(m["alpha"]), int(m["in"]), int(m["out"]))
-             for name, m in cfg["modules"].items()}
-    path = run_dir / "adapters.safetensors"
-    if not path.exists():
-        raise ValueError(f"{run_dir} has no adapters.safetensors")
-    weights = load_file(str(path))
-    for name, s in specs.items():
-        for leaf, shape in (("lora_a", (s.n_in, s.rank)), ("lora_b", (s.rank, s.n_out))):
-            w = weights.get(f"{name}.{leaf}")
-            if w is None:
-                raise ValueError(f"{path}: tensor {name}.{leaf} is missing")
-            if tuple(w.shape) != shape:
-                raise ValueError(f"{path}: {name}.{leaf} has shape {tuple(w.shape)}, adapter_config.json "
-                                 f"says {shape}")
-    extra = sorted(set(weights) - {f"{n}.{leaf}" for n in specs for leaf in ("lora_a", "lora_b")})
-    if extra:
-        raise ValueError(f"{path}: unexpected tensors {', '.join(extra[:4])}")
+    cfg, specs, path = read_adapter_specs(run_dir)
+    try:
+        weights = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+        raise ValueError(f"cannot read {path}: {e} (is the file truncated or not safetensors?)") from None
+    check_adapter_tensors(path, specs, {k: tuple(v.shape) for k, v in weights.items()})
     apply_specs(model, specs, cfg.get("dropout", 0.0) if dropout is None else dropout)
     params = dict(model.named_parameters())
     with torch.no_grad():
