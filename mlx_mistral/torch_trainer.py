@@ -294,17 +294,11 @@ class TorchTrainer(TrainLoop):
         _save(tmp / "weights.safetensors", self._weights())
         _save(tmp / "optimizer.safetensors", self.optimizer.state_dict())
 
-    def save_outputs(self):
-        """The run's current result: adapters (+ config) for LoRA, a full model directory otherwise."""
-        if self.lora_config is not None:
-            save_adapters(self.run_dir, self.model, self.lora_config)
-        elif self.save_full is not None:
-            self.save_full(self.run_dir)
-        else:  # full fine-tuning: the run directory is a model directory (the same files as on MLX)
-            from .io import write_json
+    def _save_adapters(self):
+        save_adapters(self.run_dir, self.model, self.lora_config)
 
-            _save(self.run_dir / "model.safetensors", {k: v.float() for k, v in self.model.state_dict().items()})
-            write_json(self.run_dir / "config.json", self.model.args.to_hf_config())
+    def _save_model_weights(self, path: Path):
+        _save(path, {k: v.float() for k, v in self.model.state_dict().items()})
 
     def load_checkpoint(self) -> dict | None:
         """Restore the latest complete checkpoint of the run directory; returns its state or None."""

@@ -282,8 +282,9 @@ class TrainLoop:
 
     A backend subclass provides `train_step(step) -> (loss, update, loss tokens)` where `update(lr)`
     applies the accumulated gradient and returns the global gradient norm; `evaluate()`;
-    `_write_tensors(dir)` and `load_checkpoint()`; `save_outputs()`; `_counts()` (trainable, total);
-    `_memory()` (peak, active bytes); `_device_name()`; and may override `_reset_peak()`.
+    `_write_tensors(dir)` and `load_checkpoint()`; `_save_adapters()` and `_save_model_weights(path)`;
+    `_counts()` (trainable, total); `_memory()` (peak, active bytes); `_memory_total()`;
+    `_device_name()`; and may override `_reset_peak()`.
     """
 
     backend = ""
@@ -310,6 +311,17 @@ class TrainLoop:
         final = checkpoints.write(self.run_dir, step, state, self._write_tensors, self.cfg.keep_checkpoints)
         self.save_outputs()
         return final
+
+    def save_outputs(self):
+        """The run's current result: adapters (+ config) for LoRA, a full model directory otherwise
+        (the same files on both backends; the caller copies the tokenizer)."""
+        if self.lora_config is not None:
+            self._save_adapters()
+        elif self.save_full is not None:
+            self.save_full(self.run_dir)
+        else:
+            self._save_model_weights(self.run_dir / "model.safetensors")
+            write_json(self.run_dir / "config.json", self.model.args.to_hf_config())
 
     def run(self, resume: bool = False) -> dict:
         """Train to `cfg.steps` (from the latest checkpoint when `resume`); returns the "end" event."""
@@ -553,16 +565,11 @@ class Trainer(TrainLoop):
         save_safetensors(tmp / "weights.safetensors", self._weights())
         save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(self.optimizer.state)))
 
-    def save_outputs(self):
-        """The run's current result: adapters (+ config) for LoRA, a full model directory otherwise."""
-        if self.lora_config is not None:
-            save_adapters(self.run_dir, self.model, self.lora_config)
-        elif self.save_full is not None:
-            self.save_full(self.run_dir)
-        else:  # full fine-tuning: the run directory is a model directory (tokenizer copied by the caller)
-            save_safetensors(self.run_dir / "model.safetensors", dict(tree_flatten(self.model.parameters())),
-                             metadata={"format": "mlx"})
-            write_json(self.run_dir / "config.json", self.model.args.to_hf_config())
+    def _save_adapters(self):
+        save_adapters(self.run_dir, self.model, self.lora_config)
+
+    def _save_model_weights(self, path: Path):
+        save_safetensors(path, dict(tree_flatten(self.model.parameters())), metadata={"format": "mlx"})
 
     def load_checkpoint(self) -> dict | None:
         """Restore the latest complete checkpoint of the run directory; returns its state or None."""
