@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoints
-from .trainer import Rows, TrainConfig, TrainLoop, batch_rows, dropout_seed, micro_rows  # noqa: F401
+from .trainer import (Rows, TrainConfig, TrainLoop, batch_rows, dropout_seed, eval_shard,  # noqa: F401
+                      micro_rows)
 from .torch_lora import adapter_config, adapter_weights, apply_lora, quantize_4bit, save_adapters
 
 
@@ -272,10 +273,9 @@ class TorchTrainer(TrainLoop):
         v = self.val_rows
         if v is None or len(v) == 0:
             return None
-        n = len(v) if not self.cfg.eval_rows else min(len(v), self.cfg.eval_rows)
         self.model.eval()
         acc = torch.zeros(2, dtype=torch.float64, device=self.device)
-        mine = np.arange(n)[self.rank::self.world]
+        mine = eval_shard(len(v), self.cfg.eval_rows, self.rank, self.world)
         for i in range(0, len(mine), self.cfg.batch_size):
             with self._amp():
                 s, c = token_losses(self.model, *self._take(v, mine[i:i + self.cfg.batch_size]))

@@ -187,6 +187,12 @@ def micro_rows(rows: np.ndarray, micro: int, rank: int, world: int, batch_size: 
     return rows[start:start + batch_size]
 
 
+def eval_shard(n_val: int, eval_rows: int, rank: int, world: int) -> np.ndarray:
+    """The validation rows rank `rank` evaluates: the first `eval_rows` (0 = all), dealt round-robin."""
+    n = n_val if not eval_rows else min(n_val, eval_rows)
+    return np.arange(n)[rank::world]
+
+
 def dropout_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """The random seed of one micro-step: a function of where it is, never of what ran before."""
     return int(np.random.default_rng([seed, step, micro, rank]).integers(0, 2**62))
@@ -542,11 +548,10 @@ class Trainer(TrainLoop):
         v = self.val_rows
         if v is None or len(v) == 0:
             return None
-        n = len(v) if not self.cfg.eval_rows else min(len(v), self.cfg.eval_rows)
         self.model.eval()
         total, count = mx.array(0.0), mx.array(0.0)
         b = self.cfg.batch_size
-        mine = np.arange(n)[self.rank::self.world]
+        mine = eval_shard(len(v), self.cfg.eval_rows, self.rank, self.world)
         for i in range(0, len(mine), b):
             s, c = self._evaluate(*v.take(mine[i:i + b]))
             total, count = total + s, count + c
