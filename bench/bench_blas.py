@@ -17,10 +17,10 @@ import sys
 
 CHILD = r"""
 import json, sys, time, tempfile
-import mlx_mistral
-from mlx_mistral._blas import STATUS
+import mlx_mistral.backends.mlx
+from mlx_mistral.backends._blas import STATUS
 import mlx.core as mx
-from mlx_mistral.tiny import build_tiny
+from mlx_mistral.core.tiny import build_tiny
 from mlx_mistral import load
 
 n = 1024

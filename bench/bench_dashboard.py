@@ -20,11 +20,11 @@ import math
 import statistics
 import time
 
-import mlx_mistral  # noqa: F401  (loads OpenBLAS before mlx.core)
+import mlx_mistral  # noqa: F401
 import mlx.core as mx
 from rich.console import Console
 
-from mlx_mistral.dashboard import DashboardState, LiveDashboard, PlainLog, _LaidOut, render
+from mlx_mistral.ui.dashboard import DashboardState, LiveDashboard, PlainLog, _LaidOut, render
 
 T0 = 1_700_000_000.0
 START = {"event": "start", "time": T0, "run_dir": "runs/bench", "model": "mistralai/Mistral-7B-v0.3",

@@ -26,14 +26,15 @@ CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hid
 
 
 def make_model(out: Path):
-    import mlx_mistral  # noqa: F401
+    import mlx_mistral.backends.mlx  # noqa: F401  (OpenBLAS before mlx.core)
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_mistral.config import ModelArgs
-    from mlx_mistral.io import save_safetensors, write_json
-    from mlx_mistral.model import Model
-    from mlx_mistral.tokenizer import bundled_tokenizer_path
+    from mlx_mistral.backends.mlx.loader import save_safetensors
+    from mlx_mistral.backends.mlx.model import Model
+    from mlx_mistral.core.config import ModelArgs
+    from mlx_mistral.core.io import write_json
+    from mlx_mistral.core.tokenizer import bundled_tokenizer_path
 
     args = ModelArgs(**CONFIG)
     model = Model(args)
@@ -47,7 +48,7 @@ def make_model(out: Path):
 
 def one(kind: str, model_dir: str, out: str):
     """Run one export in this process and print {"seconds", "peak_rss"}."""
-    import mlx_mistral  # noqa: F401
+    import mlx_mistral.backends.mlx  # noqa: F401
 
     t = time.perf_counter()
     if kind == "imports":  # the floor: interpreter + mlx + the exporters' imports, no model

@@ -14,12 +14,12 @@ import argparse
 import statistics
 import time
 
-import mlx_mistral  # noqa: F401  (OpenBLAS before mlx.core)
+import mlx_mistral.backends.mlx  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from mlx_mistral.masks import packed_mask, positions_from_segments
-from mlx_mistral.packing import pack
+from mlx_mistral.backends.mlx.model import packed_mask, positions_from_segments
+from mlx_mistral.core.packing import pack
 
 
 def median_time(fn, repeat: int) -> float:

@@ -1,6 +1,6 @@
 """Training throughput and peak memory: the torch backend vs HF transformers + PEFT (and the MLX backend).
 
-    python bench/bench_torch.py --steps 4 --rounds 2 [--systems torch,hf,mlx] [--json out.json]
+    python bench/bench_torch.py --steps 4 --rounds 2 [--systems torch,hf,mlx,torch+mlx] [--json out.json]
 
 The same ~125M-parameter random Mistral (`tiny.build_tiny(dir, "bench-100m")`, window 256), the same
 documents, LoRA r16 alpha 32 on q,k,v,o, fp32, AdamW, batch 4 x seq 512, on CPU. Two data sets:
@@ -9,7 +9,9 @@ ours packs them into full rows with SWA-aware packing; HF+PEFT pads each batch o
 longest, the usual `DataCollatorForLanguageModeling` set-up).
 
 Each (system, data) run is a fresh subprocess (so its peak RSS is its own), systems alternate within a
-round, and the first step of each run (warm-up) is not timed. Reported: median real (non-padding) input
+round, and the first step of each run (warm-up) is not timed. `torch` runs the torch backend alone (no
+MLX in the process); `torch+mlx` imports the MLX backend first, as a process using both backends does
+(the OpenBLAS preload, after torch: see mlx_mistral/backends/_blas.py), then trains on torch. Reported: median real (non-padding) input
 tokens per second over the timed steps of all rounds, and the median peak RSS.
 """
 
@@ -49,8 +51,9 @@ def worker_ours(backend: str, model_dir: str, data: str, steps: int) -> dict:
     import numpy as np
 
     import mlx_mistral
-    from mlx_mistral.packing import pack
-    from mlx_mistral.trainer import Rows, TrainConfig, batch_rows
+    from mlx_mistral.core.loop import Rows, batch_rows
+    from mlx_mistral.core.packing import pack
+    from mlx_mistral.core.train_config import TrainConfig
 
     rows = Rows.from_packed(pack(documents(data), SEQ_LEN))
     with tempfile.TemporaryDirectory() as out:
@@ -59,13 +62,13 @@ def worker_ours(backend: str, model_dir: str, data: str, steps: int) -> dict:
                           lora_alpha=ALPHA, targets=TARGETS, compile=backend == "mlx", out=out).validate()
         events = []
         if backend == "torch":
-            from mlx_mistral.torch_trainer import TorchTrainer, prepare_model
+            from mlx_mistral.backends.torch.trainer import TorchTrainer, prepare_model
 
             model, _ = mlx_mistral.load(model_dir, backend="torch", dtype="float32")
             lc = prepare_model(model, cfg, model_dir)
             TorchTrainer(model, cfg, rows, None, callbacks=[events.append], lora_config=lc).run()
         else:
-            from mlx_mistral.trainer import Trainer, prepare_model
+            from mlx_mistral.backends.mlx.trainer import Trainer, prepare_model
 
             model, _ = mlx_mistral.load(model_dir, dtype="float32")
             lc = prepare_model(model, cfg, model_dir)
@@ -134,14 +137,14 @@ def main():
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        if a.worker != "hf":  # HF+PEFT runs as users run it: torch alone, without our OpenBLAS preload
-            import mlx_mistral  # noqa: F401  (OpenBLAS before mlx.core)
+        if a.worker in ("mlx", "torch+mlx"):  # HF+PEFT and `torch` run torch alone, without MLX in the process
+            import mlx_mistral.backends.mlx  # noqa: F401  (torch, then OpenBLAS, then mlx.core)
 
         res = worker_hf(a.model_dir, a.data, a.steps) if a.worker == "hf" else \
-            worker_ours(a.worker, a.model_dir, a.data, a.steps)
+            worker_ours(a.worker.split("+")[0], a.model_dir, a.data, a.steps)
         print(json.dumps(res))
         return
-    from mlx_mistral.tiny import build_tiny
+    from mlx_mistral.core.tiny import build_tiny
 
     systems, datas = a.systems.split(","), a.data.split(",")
     raw: dict = {d: {s: [] for s in systems} for d in datas}
@@ -152,7 +155,8 @@ def main():
                 for s in (systems if r % 2 == 0 else systems[::-1]):
                     raw[d][s].append(run_worker(s, model_dir, d, a.steps))
                     print(f"round {r + 1} {d:5s} {s:5s} done", file=sys.stderr, flush=True)
-    names = {"torch": "mlx-mistral torch backend", "hf": "HF transformers + PEFT", "mlx": "mlx-mistral MLX backend"}
+    names = {"torch": "mlx-mistral torch backend", "hf": "HF transformers + PEFT", "mlx": "mlx-mistral MLX backend",
+             "torch+mlx": "mlx-mistral torch backend, MLX backend also loaded"}
     print(f"\nbatch {BATCH} x seq {SEQ_LEN}, LoRA r{RANK} q,k,v,o, fp32, {a.steps} timed steps x {a.rounds} rounds")
     print("| data | system | real tok/s (median) | peak RSS (GiB) | vs HF+PEFT |")
     print("|---|---|---|---|---|")

@@ -20,7 +20,7 @@ Two data sets:
   to a multiple of 32 (its own scheme, the strongest padding baseline).
 
 Every run is a fresh subprocess; the two systems alternate (order flipped each repeat), each repeat with
-its own seed (data order). mlx-lm runs with `LD_PRELOAD` of the same OpenBLAS that `import mlx_mistral`
+its own seed (data order). mlx-lm runs with `LD_PRELOAD` of the same OpenBLAS that the MLX backend
 loads, and the same thread settings. The first `--warmup` steps of each run (compilation) are not timed.
 
 Reported, per (data, system): useful tokens per second = loss-bearing (non-padding) target tokens of the
@@ -75,7 +75,7 @@ def write_dataset(out: Path, kind: str, n: int, tok, seed: int = 0) -> dict:
     """`out/train.jsonl` of `n` documents; returns the lengths and a hash of our tokenization of it."""
     import random
 
-    from mlx_mistral.data import load_dataset
+    from mlx_mistral.core.data import load_dataset
 
     words = one_token_words(tok)
     rng = random.Random(seed)
@@ -243,9 +243,9 @@ def main():
         saved = json.loads(Path(a.report).read_text())
         return report(saved["raw"], argparse.Namespace(**saved["args"]), saved["data"])
 
-    import mlx_mistral  # noqa: F401  (OpenBLAS before mlx.core)
-    from mlx_mistral.tiny import build_tiny
-    from mlx_mistral.tokenizer import Tokenizer
+    import mlx_mistral.backends.mlx  # noqa: F401  (OpenBLAS before mlx.core)
+    from mlx_mistral.core.tiny import build_tiny
+    from mlx_mistral.core.tokenizer import Tokenizer
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -34,11 +34,12 @@ sys.path.insert(0, "bench")
 from conftest import make_hf_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from mlx_mistral import torch_lora  # noqa: E402
-from mlx_mistral.packing import pack  # noqa: E402
-from mlx_mistral.torch_model import load  # noqa: E402
-from mlx_mistral.torch_trainer import TorchTrainer, prepare_model  # noqa: E402
-from mlx_mistral.trainer import Rows, TrainConfig  # noqa: E402
+from mlx_mistral.backends.torch import lora as torch_lora  # noqa: E402
+from mlx_mistral.backends.torch.loader import load  # noqa: E402
+from mlx_mistral.backends.torch.trainer import TorchTrainer, prepare_model  # noqa: E402
+from mlx_mistral.core.loop import Rows  # noqa: E402
+from mlx_mistral.core.packing import pack  # noqa: E402
+from mlx_mistral.core.train_config import TrainConfig  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -122,7 +123,7 @@ except ImportError:
 
 # Throughput: ours vs HF + PEFT on the bench model, the same var-length documents.
 from bench_torch import documents  # noqa: E402
-from mlx_mistral.tiny import build_tiny  # noqa: E402
+from mlx_mistral.core.tiny import build_tiny  # noqa: E402
 
 bench = build_tiny(tmp / "bench", "bench-100m")
 docs = [d for _ in range(8) for d in documents("var")]

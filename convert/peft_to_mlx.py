@@ -3,7 +3,7 @@
     python convert/peft_to_mlx.py ./trl-output ./runs/imported --model mistralai/Mistral-7B-v0.3
 """
 
-from mlx_mistral.convert_cli import peft_to_mlx_cmd
+from mlx_mistral.cli.export import peft_to_mlx_cmd
 
 if __name__ == "__main__":
     peft_to_mlx_cmd()

@@ -3,7 +3,7 @@
     python convert/to_peft.py --adapter runs/my-run --out ./my-adapter-peft
 """
 
-from mlx_mistral.convert_cli import export_peft_cmd
+from mlx_mistral.cli.export import export_peft_cmd
 
 if __name__ == "__main__":
     export_peft_cmd()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import mlx_mistral  # noqa: F401  (first: loads OpenBLAS before mlx.core, see mlx_mistral/_blas.py)
+import mlx_mistral.backends.mlx  # noqa: F401  (first: loads OpenBLAS before mlx.core, see backends/_blas.py)
 import pytest
 
-from mlx_mistral.tokenizer import bundled_tokenizer_path
+from mlx_mistral.core.tokenizer import bundled_tokenizer_path
 
 # The tiny configs of the foundation issue. Windows are small so every test can run far past them.
 TINY = {

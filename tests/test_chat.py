@@ -12,8 +12,8 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mlx_mistral.chat import chat_version, encode_chat, encode_completion
-from mlx_mistral.tokenizer import Tokenizer, bundled_tokenizer_path
+from mlx_mistral.core.chat import chat_version, encode_chat, encode_completion
+from mlx_mistral.core.tokenizer import Tokenizer, bundled_tokenizer_path
 
 TOKENIZERS = {"v1": "tokenizer.model.v1", "v3": "mistral_instruct_tokenizer_240323.model.v3",
               "v7": "mistral_instruct_tokenizer_241114.model.v7", "tekken": "tekken_240718.json"}

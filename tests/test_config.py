@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mlx_mistral.config import ModelArgs, bundled_config
+from mlx_mistral.core.config import ModelArgs, bundled_config
 
 
 def test_bundled_real_configs():

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_mistral import lora
+from mlx_mistral.backends.mlx import lora
 from mlx_mistral.export.hf import export_hf, hf_to_mlx, plan_shards
-from mlx_mistral.loader import load
+from mlx_mistral.backends.mlx.loader import load
 from test_peft import make_run, ours_with_adapter, prompt_ids, torch_logits
 
 TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog.", "Line one\nline two\n\nend",

@@ -21,10 +21,10 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from mlx_mistral.charts import BRAILLE_BLANK, History, braille_chart, dots, downsample, overlay
+from mlx_mistral.ui.charts import BRAILLE_BLANK, History, braille_chart, dots, downsample, overlay
 from mlx_mistral.cli import main
-from mlx_mistral.dashboard import (DashboardState, LiveDashboard, MetricsReader, PlainLog, format_line,
-                                   make_callback, render, summary)
+from mlx_mistral.ui.dashboard import (DashboardState, LiveDashboard, MetricsReader, PlainLog, format_line,
+                                      make_callback, render, summary)
 
 T0 = 1_700_000_000.0
 
@@ -387,7 +387,7 @@ FEEDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from test_dashboard import synthetic_events
-    from mlx_mistral.dashboard import LiveDashboard, make_callback
+    from mlx_mistral.ui.dashboard import LiveDashboard, make_callback
     with make_callback(total_steps=200) as cb:
         assert isinstance(cb, LiveDashboard), type(cb)
         for e in synthetic_events(t0=time.time() - 1):

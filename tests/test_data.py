@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import mlx_mistral.data as data
-from mlx_mistral.chat import encode_chat
+import mlx_mistral.core.data as data
 from mlx_mistral.cli import main
-from mlx_mistral.tokenizer import Tokenizer, bundled_tokenizer_path
-
-DEMO = Path(data.__file__).parent / "data" / "demo"
+from mlx_mistral.core.chat import encode_chat
+from mlx_mistral.core.data import DEMO
+from mlx_mistral.core.tokenizer import Tokenizer, bundled_tokenizer_path
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +134,7 @@ def test_data_inspect_reports_packing_against_padding(tmp_path):
                            env={"COLUMNS": "120"})
     assert r.exit_code == 0, r.output
     docs, _, _ = data.load_dataset(tmp_path, Tokenizer(model_dir / "tokenizer.model"))
-    from mlx_mistral.packing import pack
+    from mlx_mistral.core.packing import pack
 
     swa, pad = pack(docs, 256), pack(docs, 256, mode="none")
     assert "documents" in r.output and "200" in r.output

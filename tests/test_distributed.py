@@ -13,15 +13,17 @@ import pytest
 
 SCRIPT = r'''
 import sys
-import mlx_mistral
+import mlx_mistral.backends.mlx
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_mistral.config import ModelArgs
-from mlx_mistral.distributed import init_group
-from mlx_mistral.model import Model
-from mlx_mistral.packing import pack
-from mlx_mistral.trainer import Rows, TrainConfig, Trainer, prepare_model
+from mlx_mistral.backends.mlx.distributed import init_group
+from mlx_mistral.backends.mlx.model import Model
+from mlx_mistral.backends.mlx.trainer import Trainer, prepare_model
+from mlx_mistral.core.config import ModelArgs
+from mlx_mistral.core.loop import Rows
+from mlx_mistral.core.packing import pack
+from mlx_mistral.core.train_config import TrainConfig
 
 out, batch = sys.argv[1], int(sys.argv[2])
 group = init_group()

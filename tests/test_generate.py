@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_mistral.cli import main
-from mlx_mistral.generate import generate, sample
-from mlx_mistral.loader import load
+from mlx_mistral.backends.mlx.generate import generate, sample
+from mlx_mistral.backends.mlx.loader import load
 
 
 def test_top_p_keeps_only_the_nucleus():
@@ -38,7 +38,7 @@ def test_generate_cli(tiny_models):
 
 
 def test_streaming_stops_at_eos(tiny_models):
-    from mlx_mistral.generate import stream_generate
+    from mlx_mistral.backends.mlx.generate import stream_generate
 
     model, tok = load(tiny_models("swa"))
     prompt = tok.encode("stop")

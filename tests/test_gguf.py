@@ -14,11 +14,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_mistral import lora
+from mlx_mistral.backends.mlx import lora
+from mlx_mistral.backends.mlx.generate import generate
+from mlx_mistral.backends.mlx.loader import load
+from mlx_mistral.core.weights import to_interleaved as permute_rope
 from mlx_mistral.export.gguf_adapter import export_gguf_lora
-from mlx_mistral.export.gguf_model import export_gguf, permute_rope
-from mlx_mistral.generate import generate
-from mlx_mistral.loader import load
+from mlx_mistral.export.gguf_model import export_gguf
 from test_peft import make_run, prompt_ids
 
 TEXT = "The quick brown fox jumps over the lazy dog. Mistral models run in llama.cpp: 42 tokens, café, 日本."

@@ -11,8 +11,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_mistral.loader import load_model
-from mlx_mistral.packing import pack
+from mlx_mistral.backends.mlx.loader import load_model
+from mlx_mistral.core.packing import pack
 
 SEQ_LEN = 160  # 5x the swa window, 6.7x nemo's, 10x mqa's
 

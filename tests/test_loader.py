@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from mlx_mistral.loader import load
+from mlx_mistral.backends.mlx.loader import load
 
 
 def copy_model(src, dst):

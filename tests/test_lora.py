@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_mistral.config import ModelArgs, bundled_config
-from mlx_mistral.loader import load, quantize_model
-from mlx_mistral.lora import (LoRALinear, adapter_config, apply_lora, count_params, fuse, load_adapters,
-                              plan_modules, save_adapters)
+from mlx_mistral.backends.mlx.loader import load, quantize_model
+from mlx_mistral.backends.mlx.lora import LoRALinear, apply_lora, fuse, load_adapters, save_adapters
+from mlx_mistral.core.adapters import adapter_config, count_params, plan_modules
+from mlx_mistral.core.config import ModelArgs, bundled_config
 
 # tests/conftest.py TINY["swa"]: hidden 64, 4 heads, 2 KV heads (head_dim 16), MLP 128, 2 layers.
 TINY = ModelArgs(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import numpy as np
 
-from mlx_mistral.masks import causal_mask, packed_mask, positions_from_segments
+from mlx_mistral.backends.mlx.model import causal_mask, packed_mask, positions_from_segments
 
 
 def test_causal_window_row_sums():

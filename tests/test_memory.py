@@ -7,11 +7,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_mistral.config import ModelArgs, bundled_config
-from mlx_mistral.memory import estimate, parse_size, propose, weight_bytes
-from mlx_mistral.model import Model
-from mlx_mistral.packing import pack
-from mlx_mistral.trainer import Rows, TrainConfig, Trainer, prepare_model, trainable_count
+from mlx_mistral.backends.mlx.model import Model
+from mlx_mistral.backends.mlx.trainer import Trainer, prepare_model, trainable_count
+from mlx_mistral.core.config import ModelArgs, bundled_config
+from mlx_mistral.core.loop import Rows
+from mlx_mistral.core.memory import estimate, parse_size, propose, weight_bytes
+from mlx_mistral.core.packing import pack
+from mlx_mistral.core.train_config import TrainConfig
 
 SHAPES = {
     "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

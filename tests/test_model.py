@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_mistral.loader import load
-from mlx_mistral.model import KVCache, RotatingKVCache, make_cache
+from mlx_mistral.backends.mlx.loader import load
+from mlx_mistral.backends.mlx.model import KVCache, RotatingKVCache, make_cache
 
 KINDS = ["swa", "full", "mixtral", "nemo", "mqa"]
 L = 130  # > 3x every tiny window (16, 24, 32)
@@ -43,7 +43,7 @@ def test_window_changes_logits_after_it(tiny_models):
 
     from mlx.utils import tree_flatten
 
-    from mlx_mistral.model import Model
+    from mlx_mistral.backends.mlx.model import Model
 
     model, _ = load(tiny_models("swa"))
     unwindowed = Model(dataclasses.replace(model.args, sliding_window=None))
@@ -79,7 +79,7 @@ def test_cached_decoding_equals_full_forward(tiny_models, kind):
 
 @pytest.mark.parametrize("kind", ["swa", "mixtral", "mqa"])
 def test_greedy_generation_matches_transformers(tiny_models, kind):
-    from mlx_mistral.generate import generate
+    from mlx_mistral.backends.mlx.generate import generate
 
     path = tiny_models(kind)
     model, _ = load(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlx_mistral.packing import (best_fit_decreasing, length_histogram, next_token_targets, pack,
+from mlx_mistral.core.packing import (best_fit_decreasing, length_histogram, next_token_targets, pack,
                                  split_document)
 
 

@@ -11,9 +11,9 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 
-from mlx_mistral import lora
+from mlx_mistral.backends.mlx import lora
 from mlx_mistral.export.adapters import export_mlx_lm, export_peft, import_mlx_lm, import_peft
-from mlx_mistral.loader import load
+from mlx_mistral.backends.mlx.loader import load
 
 
 def make_run(model_dir, run_dir, policy="uniform", rank=8, alpha=16.0, targets="all-linear", steps=3, num_layers=-1):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from mlx_mistral.schedule import warmup_cosine
+from mlx_mistral.core.schedule import warmup_cosine
 
 
 def test_warmup_then_cosine_endpoints():

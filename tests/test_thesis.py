@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx_mistral  # noqa: F401  (first: loads OpenBLAS before mlx.core)
+import mlx_mistral.backends.mlx  # noqa: F401  (first: loads OpenBLAS before mlx.core)
 import numpy as np
 import pytest
 import torch
@@ -77,7 +77,7 @@ def test_split_is_by_package_and_stable():
 def test_document_losses_match_transformers_far_past_the_window(tiny_models):
     from transformers import AutoModelForCausalLM
 
-    from mlx_mistral.loader import load
+    from mlx_mistral.backends.mlx.loader import load
 
     path = tiny_models("swa")
     model, _ = load(path)

@@ -4,7 +4,7 @@ import pytest
 import sentencepiece as spm
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mlx_mistral.tokenizer import Tokenizer, bundled_tokenizer_path
+from mlx_mistral.core.tokenizer import Tokenizer, bundled_tokenizer_path
 
 TEXTS = ["Hello world", " leading space", "Line one\nLine two\n\n  indented", "naïve café — 東京 🙂",
          "def f(x):\n    return x ** 2  # square", "", "1234567890 3.14159"]

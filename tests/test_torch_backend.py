@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import mlx_mistral
-from mlx_mistral.torch_backend import (dataset_loss, generate, pick_backend, stream_generate_torch,
-                                       training_backend)
+from mlx_mistral.backends import dataset_loss, generate, pick_backend, training_backend
+from mlx_mistral.backends.torch.generate import stream_generate as stream_generate_torch
 
 
 def test_pick_backend():
@@ -18,7 +18,7 @@ def test_pick_backend():
     with pytest.raises(ValueError, match="auto, mlx, torch"):
         pick_backend("cuda")
     load, prepare, trainer = training_backend("torch")
-    assert trainer.__name__ == "TorchTrainer" and prepare.__module__ == "mlx_mistral.torch_trainer"
+    assert trainer.__name__ == "TorchTrainer" and prepare.__module__ == "mlx_mistral.backends.torch.trainer"
 
 
 @pytest.mark.parametrize("kind", ["swa", "mixtral", "mqa"])
@@ -52,8 +52,8 @@ def test_sampling_is_seeded_and_stops(tiny_models):
 
 
 def test_dataset_loss_equals_mlx(tiny_models):
-    from mlx_mistral.packing import pack
-    from mlx_mistral.trainer import Rows
+    from mlx_mistral.core.loop import Rows
+    from mlx_mistral.core.packing import pack
 
     rng = np.random.default_rng(0)
     rows = Rows.from_packed(pack([rng.integers(3, 32000, n) for n in (90, 40, 130, 7)], 96))

@@ -11,10 +11,10 @@ import torch
 from mlx.utils import tree_flatten
 
 import mlx_mistral
-from mlx_mistral import masks as mlx_masks
-from mlx_mistral import torch_model as tm
-from mlx_mistral.loader import load as load_mlx
-from mlx_mistral.packing import pack
+from mlx_mistral.backends.mlx import model as mlx_masks
+from mlx_mistral.backends.mlx.loader import load as load_mlx
+from mlx_mistral.backends.torch import model as tm
+from mlx_mistral.core.packing import pack
 
 KINDS = ["swa", "full", "mixtral", "nemo", "mqa"]
 L = 130  # > 3x every tiny window (16, 24, 32)

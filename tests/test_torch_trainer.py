@@ -18,12 +18,14 @@ import pytest
 import torch
 
 import mlx_mistral
-from mlx_mistral import lora as mlx_lora
-from mlx_mistral import torch_lora
-from mlx_mistral.packing import pack
-from mlx_mistral.torch_backend import generate
-from mlx_mistral.torch_trainer import AdamW, TorchTrainer
-from mlx_mistral.trainer import Rows, TrainConfig, Trainer, prepare_model
+from mlx_mistral.backends import generate
+from mlx_mistral.backends.mlx import lora as mlx_lora
+from mlx_mistral.backends.mlx.trainer import Trainer, prepare_model
+from mlx_mistral.backends.torch import lora as torch_lora
+from mlx_mistral.backends.torch.trainer import AdamW, TorchTrainer
+from mlx_mistral.core.loop import Rows
+from mlx_mistral.core.packing import pack
+from mlx_mistral.core.train_config import TrainConfig
 
 STEPS = 10
 
@@ -221,8 +223,8 @@ import json, sys
 import numpy as np
 import torch
 import mlx_mistral
-from mlx_mistral import torch_lora
-from mlx_mistral.torch_trainer import TorchTrainer
+from mlx_mistral.backends.torch import lora as torch_lora
+from mlx_mistral.backends.torch.trainer import TorchTrainer
 sys.path.insert(0, sys.argv[4])
 from test_torch_trainer import config, rows_for
 path, init, out = sys.argv[1:4]

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_mistral.config import ModelArgs
-from mlx_mistral.loader import load
-from mlx_mistral.model import Model
-from mlx_mistral.packing import pack
-from mlx_mistral.trainer import (Rows, TrainConfig, Trainer, batch_rows, load_config, prepare_model,
-                                 token_losses)
+from mlx_mistral.backends.mlx.loader import load
+from mlx_mistral.backends.mlx.model import Model
+from mlx_mistral.backends.mlx.trainer import Trainer, prepare_model, token_losses
+from mlx_mistral.core.config import ModelArgs
+from mlx_mistral.core.loop import Rows, batch_rows
+from mlx_mistral.core.packing import pack
+from mlx_mistral.core.train_config import TrainConfig, load_config
 
 SMALL = ModelArgs(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16)
@@ -98,7 +99,7 @@ def test_step_loss_is_per_document_loss_of_transformers(tiny_models):
 
 @pytest.mark.parametrize("quantize", [None, 4])
 def test_loss_decreases_on_real_text(tiny_models, tmp_path, quantize):
-    from mlx_mistral.data import load_dataset
+    from mlx_mistral.core.data import load_dataset
 
     path = tiny_models("swa")
     model, tok = load(path, dtype="float32")
@@ -173,8 +174,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_run_directory(tmp_path):
-    from mlx_mistral.callbacks import JSONLLogger
-    from mlx_mistral.lora import load_adapters
+    from mlx_mistral.backends.mlx.lora import load_adapters
+    from mlx_mistral.ui.callbacks import JSONLLogger
 
     log = JSONLLogger(tmp_path / "r" / "metrics.jsonl")
     events, end, model, _ = run(tmp_path, "r", steps=5, save_every=2, keep_checkpoints=2, callbacks=[log])

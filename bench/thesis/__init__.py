@@ -8,4 +8,4 @@
 - `run.py`: the experiment (`python -m bench.thesis.run --config bench/thesis/config.yaml`).
 """
 
-import mlx_mistral  # noqa: F401  (first: it loads OpenBLAS before anything imports mlx.core)
+import mlx_mistral.backends.mlx  # noqa: F401  (first: it loads OpenBLAS before anything imports mlx.core)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_mistral.io import atomic_path, write_json
-from mlx_mistral.tokenizer import Tokenizer, bundled_tokenizer_path
+from mlx_mistral.core.io import atomic_path, write_json
+from mlx_mistral.core.tokenizer import Tokenizer, bundled_tokenizer_path
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3",
              "ensurepip", "_vendor"}

@@ -16,8 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_mistral.generate import stream_generate
-from mlx_mistral.model import make_cache
+from mlx_mistral.backends.mlx.generate import stream_generate
+from mlx_mistral.backends.mlx.model import make_cache
 
 
 # ---- pure functions ------------------------------------------------------------------------------------

@@ -32,15 +32,17 @@ import numpy as np
 import yaml
 from mlx.utils import tree_map
 
-from mlx_mistral import _blas
-from mlx_mistral.callbacks import JSONLLogger
-from mlx_mistral.config import ModelArgs
-from mlx_mistral.io import write_json, write_text
-from mlx_mistral.loader import load_model
-from mlx_mistral.lora import fuse
-from mlx_mistral.model import Model
-from mlx_mistral.packing import pack
-from mlx_mistral.trainer import Rows, Trainer, TrainConfig, prepare_model
+from mlx_mistral.backends import _blas
+from mlx_mistral.backends.mlx.loader import load_model
+from mlx_mistral.backends.mlx.lora import fuse
+from mlx_mistral.backends.mlx.model import Model
+from mlx_mistral.backends.mlx.trainer import Trainer, prepare_model
+from mlx_mistral.core.config import ModelArgs
+from mlx_mistral.core.io import write_json, write_text
+from mlx_mistral.core.loop import Rows
+from mlx_mistral.core.packing import pack
+from mlx_mistral.core.train_config import TrainConfig
+from mlx_mistral.ui.callbacks import JSONLLogger
 
 from .corpus import BOS, EOS, build_corpus, save_vocab
 from .metrics import bucket_losses, decode_latency, document_losses, perplexity

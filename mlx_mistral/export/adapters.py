@@ -19,32 +19,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..config import ModelArgs
-from ..io import save_safetensors, write_json
-from ..loader import load_safetensors
+from ..backends.mlx.loader import load_safetensors, save_safetensors
+from ..core.adapters import (ADAPTER_FORMAT, fingerprint, module_shape, pattern_value, policy_rank,
+                             read_adapters)
+from ..core.config import ModelArgs
+from ..core.io import write_json
 
 _MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)")
 PEFT_PREFIX = "base_model.model."
-
-
-def _read_run(run_dir) -> tuple[dict, dict]:
-    from ..lora import read_adapter_config
-
-    run_dir = Path(run_dir)
-    cfg = read_adapter_config(run_dir)
-    path = run_dir / "adapters.safetensors"
-    if not path.exists():
-        raise ValueError(f"{run_dir} has no adapters.safetensors")
-    weights = load_safetensors(path)
-    for name, m in cfg["modules"].items():
-        for leaf, shape in (("lora_a", (m["in"], m["rank"])), ("lora_b", (m["rank"], m["out"]))):
-            w = weights.get(f"{name}.{leaf}")
-            if w is None:
-                raise ValueError(f"{path}: tensor {name}.{leaf} is missing")
-            if tuple(w.shape) != tuple(shape):
-                raise ValueError(f"{path}: {name}.{leaf} has shape {tuple(w.shape)}, adapter_config.json says "
-                                 f"{tuple(shape)}")
-    return cfg, weights
 
 
 def _split(name: str) -> tuple[int, str]:
@@ -73,7 +55,7 @@ def _patterns(modules: dict, r: int, alpha: float) -> tuple[dict, dict]:
 
 def export_peft(run_dir, out_dir, base_model: str | None = None) -> dict:
     """Write `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads."""
-    cfg, weights = _read_run(run_dir)
+    cfg, _, weights = read_adapters(run_dir, mx.load)
     modules = cfg["modules"]
     if not modules:
         raise ValueError(f"{run_dir}: the adapter has no modules")
@@ -109,16 +91,7 @@ def export_peft(run_dir, out_dir, base_model: str | None = None) -> dict:
             "rank_pattern": rank_p, "alpha_pattern": alpha_p}
 
 
-def _pattern(pattern: dict, name: str):
-    for key, value in (pattern or {}).items():  # PEFT's rule: the key matches the end of the module name
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return None
-
-
 def _policy_of(args: ModelArgs | None, modules: dict, rank: int, alpha: float) -> str:
-    from ..lora import policy_rank
-
     if args is None:
         return "uniform"
     for policy in ("uniform", "gqa"):
@@ -130,15 +103,11 @@ def _policy_of(args: ModelArgs | None, modules: dict, rank: int, alpha: float) -
 
 def _write_run(run_dir, modules: dict, tensors: dict, args: ModelArgs | None, base_model: str, rank: int,
                alpha: float, dropout: float, source: str) -> dict:
-    from ..lora import fingerprint
-
     layers = sorted({_split(n)[0] for n in modules})
     n_layers = args.num_hidden_layers if args else None
     num_layers = -1 if n_layers and layers == list(range(n_layers)) else (
         len(layers) if n_layers and layers == list(range(n_layers - len(layers), n_layers)) else -1)
     if args is not None:
-        from ..lora import module_shape
-
         for name, m in modules.items():
             want = module_shape(args, _split(name)[1])
             if (m["in"], m["out"]) != want:
@@ -146,13 +115,13 @@ def _write_run(run_dir, modules: dict, tensors: dict, args: ModelArgs | None, ba
                                  f"has {want}: the adapter belongs to another model")
             if _split(name)[0] >= args.num_hidden_layers:
                 raise ValueError(f"{source}: module {name} is past the model's {args.num_hidden_layers} layers")
-    cfg = {"format": "mlx-mistral-lora", "version": 1, "base_model": base_model,
+    cfg = {"format": ADAPTER_FORMAT, "version": 1, "base_model": base_model,
            "base_fingerprint": fingerprint(args) if args else "",
            "fine_tune": "lora", "targets": sorted({_split(n)[1] for n in modules}), "num_layers": num_layers,
            "rank_policy": _policy_of(args, modules, rank, alpha), "rank": rank, "alpha": alpha,
            "dropout": dropout, "modules": modules, "imported_from": source}
     run_dir = Path(run_dir)
-    save_safetensors(run_dir / "adapters.safetensors", tensors, metadata={"format": "mlx-mistral-lora"})
+    save_safetensors(run_dir / "adapters.safetensors", tensors, metadata={"format": ADAPTER_FORMAT})
     write_json(run_dir / "adapter_config.json", cfg)
     return cfg
 
@@ -197,7 +166,7 @@ def import_peft(src_dir, run_dir, args: ModelArgs | None = None) -> dict:
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(f"{path}: {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not share a rank")
         r = int(a.shape[0])
-        alpha = _pattern(pc.get("alpha_pattern"), name)
+        alpha = pattern_value(pc.get("alpha_pattern"), name)
         alpha = float(alpha if alpha is not None else alpha0)
         if pc.get("use_rslora"):
             alpha = alpha * r / math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r); ours is alpha / r
@@ -215,7 +184,7 @@ def import_peft(src_dir, run_dir, args: ModelArgs | None = None) -> dict:
 def export_mlx_lm(run_dir, out_dir) -> dict:
     """Write mlx-lm's adapter directory (`mlx_lm.load(model, adapter_path=...)`, `mlx_lm.fuse`).
     mlx-lm has one rank and one scale for every module and adapts the last `num_layers` layers."""
-    cfg, weights = _read_run(run_dir)
+    cfg, _, weights = read_adapters(run_dir, mx.load)
     modules = cfg["modules"]
     ranks = {m["rank"] for m in modules.values()}
     scales = {m["alpha"] / m["rank"] for m in modules.values()}

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import safetensors.numpy
 
-from ..config import ModelArgs
-from ..io import atomic_path
-from ..loader import resolve_path
-from .adapters import _read_run
-from .gguf_model import gguf_name, permute_for, permute_rope
+from ..core.adapters import read_adapters
+from ..core.config import ModelArgs
+from ..core.hub import resolve_path
+from ..core.io import atomic_path
+from ..core.weights import gguf_name, rope_heads, to_interleaved
 from .weights import check_fingerprint
 
 
@@ -30,7 +31,7 @@ def export_gguf_lora(model_path, run_dir, out) -> dict:
     if out.suffix != ".gguf":
         raise ValueError(f"{out}: the output file name must end in .gguf")
     args = ModelArgs.from_dir(resolve_path(model_path))
-    cfg, weights = _read_run(run_dir)
+    cfg, _, weights = read_adapters(run_dir, safetensors.numpy.load_file)
     check_fingerprint(cfg, args, run_dir)
     modules = cfg["modules"]
     alphas = {float(m["alpha"]) for m in modules.values()}
@@ -41,12 +42,12 @@ def export_gguf_lora(model_path, run_dir, out) -> dict:
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     for name, m in modules.items():
-        gname, t = gguf_name(name + ".weight")
+        gname, _ = gguf_name(name + ".weight")
         a = np.array(weights[f"{name}.lora_a"].T, dtype=np.float32)  # (r, in)
         b = np.array(weights[f"{name}.lora_b"].T, dtype=np.float32)  # (out, r)
-        heads = permute_for(t, args)
+        heads = rope_heads(name, args)
         if heads:
-            b = permute_rope(b, heads)
+            b = to_interleaved(b, heads)
         if fold:
             b = b * np.float32(m["alpha"] / m["rank"])
         writer.add_tensor(gname + ".lora_a", a)

@@ -2,7 +2,8 @@
 
 What llama.cpp expects of a Mistral-family model, and what mlx-lm's exporter gets wrong:
 - architecture `llama` (llama.cpp's Mistral path for these models) with Q and K rows permuted from
-  HF's rotate-half layout to the interleaved one llama.cpp's RoPE uses, per head: `n_kv_heads` for K;
+  HF's rotate-half layout to the interleaved one llama.cpp's RoPE uses, per head: `n_kv_heads` for K
+  (names and permutation from core/weights.py);
 - `rope.dimension_count` = head_dim (Nemo: 128, not hidden / heads = 160), `rope.freq_base` always,
   `attention.key_length` / `value_length`, a `file_type` that says what the file holds;
 - the tokenizer from `tokenizer.model` (tokens, real scores, types) or `tekken.json` (GPT-2 style BPE
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -26,32 +26,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..config import ModelArgs
-from ..io import atomic_path
-from ..tokenizer import Tokenizer
+from ..core.config import ModelArgs
+from ..core.io import atomic_path
+from ..core.tokenizer import Tokenizer
+from ..core.weights import gguf_name, rope_heads, to_interleaved
 from .tokenizer_files import chat_template, write_modelfile
 from .weights import Progress, load_fused
 
 T = gguf.MODEL_TENSOR
-# Our parameter names ({} = layer index) -> llama.cpp tensors (all end in ".weight").
-TENSOR_MAP = {
-    "model.embed_tokens": T.TOKEN_EMBD,
-    "model.norm": T.OUTPUT_NORM,
-    "lm_head": T.OUTPUT,
-    "model.layers.{}.input_layernorm": T.ATTN_NORM,
-    "model.layers.{}.self_attn.q_proj": T.ATTN_Q,
-    "model.layers.{}.self_attn.k_proj": T.ATTN_K,
-    "model.layers.{}.self_attn.v_proj": T.ATTN_V,
-    "model.layers.{}.self_attn.o_proj": T.ATTN_OUT,
-    "model.layers.{}.post_attention_layernorm": T.FFN_NORM,
-    "model.layers.{}.mlp.gate_proj": T.FFN_GATE,
-    "model.layers.{}.mlp.up_proj": T.FFN_UP,
-    "model.layers.{}.mlp.down_proj": T.FFN_DOWN,
-    "model.layers.{}.block_sparse_moe.gate": T.FFN_GATE_INP,
-    "model.layers.{}.block_sparse_moe.switch_mlp.gate_proj": T.FFN_GATE_EXP,  # (E, ff, hidden)
-    "model.layers.{}.block_sparse_moe.switch_mlp.up_proj": T.FFN_UP_EXP,
-    "model.layers.{}.block_sparse_moe.switch_mlp.down_proj": T.FFN_DOWN_EXP,  # (E, hidden, ff)
-}
 _KEEP_F32 = {T.FFN_GATE_INP, T.ATTN_NORM, T.FFN_NORM, T.OUTPUT_NORM}  # llama.cpp never quantizes these
 
 Q = gguf.GGMLQuantizationType
@@ -63,32 +45,6 @@ NUMPY_TYPES = {"f32": (Q.F32, F.ALL_F32), "f16": (Q.F16, F.MOSTLY_F16), "bf16": 
 # K-quants: llama.cpp's quantizer; rows (ncols) not a multiple of 256 fall back per tensor
 K_QUANTS = {"q4_k_m": (F.MOSTLY_Q4_K_M, "Q5_0"), "q5_k_m": (F.MOSTLY_Q5_K_M, "Q5_1"), "q6_k": (F.MOSTLY_Q6_K, "Q8_0")}
 GGUF_TYPES = tuple(NUMPY_TYPES) + tuple(K_QUANTS)
-
-
-def gguf_name(name: str) -> tuple[str, gguf.MODEL_TENSOR]:
-    """`model.layers.3.self_attn.q_proj.weight` -> (`blk.3.attn_q.weight`, ATTN_Q); ValueError if unknown."""
-    base = name.removesuffix(".weight")
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", base)
-    key, bid = (f"model.layers.{{}}.{m.group(2)}", int(m.group(1))) if m else (base, None)
-    if key not in TENSOR_MAP or not name.endswith(".weight"):
-        raise ValueError(f"tensor {name!r} has no llama.cpp equivalent (known: "
-                         f"{', '.join(k + '.weight' for k in TENSOR_MAP)})")
-    t = TENSOR_MAP[key]
-    return gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight", t
-
-
-def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Rows of a q/k projection (rows, cols) from HF's rotate-half layout to llama.cpp's interleaved one.
-    Works on any array whose first axis is n_heads * head_dim (LoRA B included)."""
-    rows = w.shape[0]
-    if rows % (2 * n_heads):
-        raise ValueError(f"cannot permute {rows} rows for RoPE over {n_heads} heads: not a multiple of 2 * heads")
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def permute_for(t: gguf.MODEL_TENSOR, args: ModelArgs) -> int | None:
-    """Heads to permute over for this tensor type (K uses n_kv_heads), or None."""
-    return {T.ATTN_Q: args.num_attention_heads, T.ATTN_K: args.num_key_value_heads}.get(t)
 
 
 def choose_type(t: gguf.MODEL_TENSOR, shape: tuple, qtype: Q) -> Q:
@@ -210,9 +166,9 @@ def write_gguf(path: Path, model, args: ModelArgs, tok: Tokenizer, qtype: Q, fil
         if progress:
             progress(i, len(plan), gname)
         w = np.array(params[ours].astype(mx.float32), copy=False)
-        heads = permute_for(t, args)
+        heads = rope_heads(ours, args)
         if heads:
-            w = permute_rope(w, heads)
+            w = to_interleaved(w, heads)
         writer.write_tensor_data(encode_tensor(w, wtype))
         counts[wtype.name] = counts.get(wtype.name, 0) + 1
     writer.close()
@@ -289,4 +245,4 @@ def export_gguf(model_path, out, adapter=None, dtype: str = "f16", modelfile: bo
             "modelfile": str(mf) if mf else None}
 
 
-__all__ = ["export_gguf", "write_gguf", "gguf_name", "permute_rope", "GGUF_TYPES", "window_warning"]
+__all__ = ["export_gguf", "write_gguf", "GGUF_TYPES", "window_warning"]

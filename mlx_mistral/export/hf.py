@@ -15,8 +15,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..io import save_safetensors, write_json
-from ..loader import load, quantize_model, resolve_dtype, resolve_path
+from ..backends.mlx.loader import load, quantize_model, resolve_dtype, save_safetensors
+from ..core.hub import resolve_path
+from ..core.io import write_json
 from .tokenizer_files import write_hf_tokenizer
 from .weights import Progress, hf_tensors, load_fused
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..io import atomic_path, write_json, write_text
-from ..tokenizer import Tokenizer
+from ..core.io import atomic_path, write_json, write_text
+from ..core.tokenizer import Tokenizer
 
 _ALTERNATE = ("{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
               "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..config import ModelArgs
-from ..loader import load, resolve_path
-from ..model import Model
-from ..tokenizer import Tokenizer
+from ..backends.mlx.loader import load
+from ..backends.mlx.model import Model
+from ..core.adapters import fingerprint, read_adapter_config
+from ..core.config import ModelArgs
+from ..core.hub import resolve_path
+from ..core.tokenizer import Tokenizer
+from ..core.weights import ours_to_hf
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
-
-# Our stacked Mixtral experts (E, out, in) <-> transformers' per-expert names.
-EXPERT_HF = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-_STACKED = re.compile(r"(model\.layers\.\d+\.block_sparse_moe)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.weight")
 
 
 @dataclasses.dataclass
@@ -33,8 +31,6 @@ class Loaded:
 
 def check_fingerprint(adapter_cfg: dict, args: ModelArgs, run_dir) -> None:
     """Refuse an adapter trained on a different architecture (shape checks alone miss RoPE, window...)."""
-    from ..lora import fingerprint
-
     want, have = adapter_cfg.get("base_fingerprint"), fingerprint(args)
     if want and want != have:
         raise ValueError(f"{run_dir}/adapter_config.json: base_fingerprint {want} does not match the model "
@@ -44,7 +40,7 @@ def check_fingerprint(adapter_cfg: dict, args: ModelArgs, run_dir) -> None:
 
 def load_fused(model_path, adapter: str | Path | None = None, dtype=None) -> Loaded:
     """Load a model (directory or Hub id), add a run directory's adapters, fuse, and dequantize."""
-    from ..lora import fuse, load_adapters, read_adapter_config
+    from ..backends.mlx.lora import fuse, load_adapters
 
     model_dir = resolve_path(model_path)
     model, tok = load(model_dir, dtype=dtype)
@@ -61,16 +57,9 @@ def load_fused(model_path, adapter: str | Path | None = None, dtype=None) -> Loa
 
 def hf_tensors(model: Model) -> dict[str, mx.array]:
     """Parameters under transformers' names (Mixtral experts unstacked to `experts.E.w1/w2/w3`); lazy."""
-    out = {}
-    for name, w in tree_flatten(model.parameters()):
+    params = dict(tree_flatten(model.parameters()))
+    for name in params:
         if name.endswith((".scales", ".biases")) or ".lora_" in name:
             raise ValueError(f"{name}: the model still has quantized or adapter tensors; fuse it first "
                              "(load_fused does)")
-        m = _STACKED.fullmatch(name)
-        if m:
-            for e in range(w.shape[0]):
-                out[f"{m.group(1)}.experts.{e}.{EXPERT_HF[m.group(2)]}.weight"] = w[e]  # (out, in)
-        else:
-            out[name] = w
-    return out
-
+    return ours_to_hf(params)

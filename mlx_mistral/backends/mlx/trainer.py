@@ -1,0 +1,251 @@
+"""The training step on MLX: the `core.loop.TrainLoop` hooks, compiled.
+
+`Trainer` adds to the shared loop only how a step is computed here: the loss and its gradient under
+`mx.compile`, gradient accumulation with a bounded graph, clipping, MLX's AdamW (with bias correction),
+`mx.distributed` all-sums across data-parallel ranks, and the tensor files of a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+
+from ...core import loop
+from ...core.checkpoints import check_names
+from ...core.loop import Rows, TrainLoop, batch_rows, dropout_seed, micro_rows
+from ...core.train_config import TrainConfig
+from .loader import load_safetensors, quantize_model, save_safetensors
+from .lora import adapter_weights, apply_specs, save_adapters
+
+
+def _mx(arrays) -> tuple:
+    """MLX arrays of a `Rows.take` tuple (arrays already in MLX pass through, also under `mx.compile`)."""
+    return tuple(a if isinstance(a, mx.array) else mx.array(a) for a in arrays)
+
+
+def row_losses(model, tokens, segment_ids, positions, targets, weights):
+    """(per-row sums of weighted token losses (B,), number of loss tokens) of one batch, fp32."""
+    tokens, segment_ids, positions, targets, weights = _mx((tokens, segment_ids, positions, targets, weights))
+    logits = model(tokens, segment_ids=segment_ids, positions=positions)  # (B, L, vocab)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")  # (B, L)
+    w = weights.astype(mx.float32)
+    return (ce * w).sum(axis=1), w.sum()
+
+
+def token_losses(model, tokens, segment_ids, positions, targets, weights):
+    """(sum of weighted token losses, number of loss tokens) of one batch, fp32."""
+    rows, n = row_losses(model, tokens, segment_ids, positions, targets, weights)
+    return rows.sum(), n
+
+
+def dataset_loss(model, rows: Rows, batch_size: int = 4) -> tuple[float, int]:
+    """(mean token loss, number of loss tokens) of `model` over all `rows`, fp32, in batches."""
+    def sums(idx):
+        s, n = token_losses(model, *rows.take(idx))
+        mx.eval(s, n)
+        return float(s), int(n)
+
+    return loop.mean_token_loss(rows, batch_size, sums)
+
+
+def memory_total() -> int:
+    """Bytes of RAM (unified memory on a Mac) of this machine."""
+    try:
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        if info.get("memory_size"):
+            return int(info["memory_size"])
+    except Exception:  # CPU builds have no device info: fall back to the OS
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def trainable_count(model) -> int:
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def total_count(model) -> int:
+    """Parameters of the model, counting quantized weights at their unpacked size."""
+    n = 0
+    for name, v in tree_flatten(model.parameters()):
+        if name.endswith((".scales", ".biases")) and v.dtype != mx.uint32:
+            continue
+        n += v.size * (32 // _bits_of(model, name)) if v.dtype == mx.uint32 else v.size
+    return n
+
+
+def _bits_of(model, name: str) -> int:
+    m = model
+    for part in name.split(".")[:-1]:
+        m = m[int(part)] if isinstance(m, list) else getattr(m, part)
+    return m.bits
+
+
+class Trainer(TrainLoop):
+    """Runs `cfg.steps` optimizer steps on `train` rows, writing the run directory (rank 0); see
+    `core.loop.TrainLoop` for the arguments. `group`: an `mx.distributed` group for data parallelism
+    (None: single process).
+    """
+
+    backend = "mlx"
+
+    def __init__(self, model, cfg: TrainConfig, train: Rows, val: Rows | None = None, run_dir=None,
+                 callbacks=(), lora_config: dict | None = None, model_name: str = "", group=None,
+                 save_full=None):
+        super().__init__(model, cfg, train, val, run_dir, callbacks, lora_config, model_name, save_full,
+                         rank=group.rank() if group is not None else 0,
+                         world=group.size() if group is not None else 1)
+        self.group = group
+        self.optimizer = optim.AdamW(learning_rate=cfg.lr, betas=[cfg.beta1, cfg.beta2], eps=cfg.eps,
+                                     weight_decay=cfg.weight_decay, bias_correction=cfg.bias_correction)
+        self.optimizer.init(model.trainable_parameters())
+        self._build_steps()
+
+    # -- compiled pieces ------------------------------------------------------------------------------
+    def _build_steps(self):
+        model, opt, cfg = self.model, self.optimizer, self.cfg
+        model.checkpoint_layers = cfg.grad_checkpoint
+
+        def loss_fn(model, tokens, seg, pos, targets, weights, denom):
+            rows, _ = row_losses(model, tokens, seg, pos, targets, weights)
+            return rows.sum() / denom, rows
+
+        value_grad = nn.value_and_grad(model, loss_fn)
+
+        def micro(tokens, seg, pos, targets, weights, denom):
+            (_, rows), grads = value_grad(model, tokens, seg, pos, targets, weights, denom)
+            return rows, grads
+
+        def update(grads):
+            if cfg.grad_clip > 0:
+                grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+            else:
+                norm = optim.clip_grad_norm(grads, float("inf"))[1]
+            opt.update(model, grads)
+            return norm
+
+        def evaluate(tokens, seg, pos, targets, weights):
+            return token_losses(model, tokens, seg, pos, targets, weights)
+
+        state = [model.state, opt.state, mx.random.state]
+        if cfg.compile:
+            micro = mx.compile(micro, inputs=state, outputs=state)
+            update = mx.compile(update, inputs=state, outputs=state)
+            evaluate = mx.compile(evaluate, inputs=state, outputs=state)
+        self._micro, self._update, self._evaluate = micro, update, evaluate
+
+    # -- backend hooks of TrainLoop -----------------------------------------------------------------------
+    def _device_name(self) -> str:
+        return str(mx.default_device())
+
+    def _counts(self) -> tuple[int, int]:
+        return trainable_count(self.model), total_count(self.model)
+
+    def _memory(self) -> tuple[int, int]:
+        return mx.get_peak_memory(), mx.get_active_memory()
+
+    def _memory_total(self) -> int:
+        return memory_total()
+
+    def _reset_peak(self):
+        mx.reset_peak_memory()
+
+    def _take(self, rows: Rows, idx) -> tuple:
+        return _mx(rows.take(idx))
+
+    def _all_sum(self, x):
+        if self.world == 1:
+            return x
+        return tree_map(lambda a: mx.distributed.all_sum(a, group=self.group), x)
+
+    # -- one optimizer step -------------------------------------------------------------------------------
+    def train_step(self, step: int) -> tuple[float, "Callable[[float], float]", int]:
+        """Accumulate the gradient of the global batch of `step`; returns (loss, update, loss tokens).
+        The caller applies `update(lr)` after checking the loss.
+
+        The reported loss adds the per-row loss sums of the whole global batch in float64, in global row
+        order, so it does not depend on how rows were split across micro-steps and ranks."""
+        cfg = self.cfg
+        rows = batch_rows(cfg.seed, step, self.global_batch, len(self.train_rows))
+        n_tokens = int(self.train_rows.weights[rows].sum())
+        denom = mx.array(max(n_tokens, 1), mx.float32)
+        row_sums, grads = [], None
+        self.model.train()
+        for m in range(cfg.grad_accum):
+            idx = micro_rows(rows, m, self.rank, self.world, cfg.batch_size)
+            mx.random.seed(dropout_seed(cfg.seed, step, m, self.rank))
+            r, g = self._micro(*self._take(self.train_rows, idx), denom)
+            if self.world > 1:
+                r = mx.distributed.all_gather(r, group=self.group)  # rank order == global row order
+            row_sums.append(r)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            if cfg.grad_accum > 1:
+                mx.eval(r, grads, mx.random.state)  # bound the graph (and memory) to one micro-step
+        grads = self._all_sum(grads)
+        mx.eval(row_sums)
+        total = np.concatenate([np.array(r) for r in row_sums]).astype(np.float64).sum()
+        return float(total / max(n_tokens, 1)), partial(self._apply, grads), n_tokens
+
+    def _apply(self, grads, lr: float) -> float:
+        """Clip and apply `grads` at learning rate `lr`; returns the global gradient norm."""
+        self.optimizer.learning_rate = mx.array(lr, mx.float32)
+        norm = self._update(grads)
+        mx.eval(norm, self.model.parameters(), self.optimizer.state, mx.random.state)
+        return float(norm)
+
+    def _loss_sums(self, rows: Rows, batches) -> tuple[float, float]:
+        """(sum of token losses, loss tokens) over `batches` of `rows`, summed across ranks."""
+        total, count = mx.array(0.0), mx.array(0.0)
+        for idx in batches:
+            s, c = self._evaluate(*self._take(rows, idx))
+            total, count = total + s, count + c
+            mx.eval(total, count)
+        total, count = self._all_sum((total, count))
+        return float(total), float(count)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def _weights(self) -> dict:
+        if self.lora_config is not None:
+            return adapter_weights(self.model)
+        return dict(tree_flatten(self.model.trainable_parameters()))
+
+    def _write_tensors(self, tmp: Path):
+        save_safetensors(tmp / "weights.safetensors", self._weights())
+        save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(self.optimizer.state)))
+
+    def _save_adapters(self):
+        save_adapters(self.run_dir, self.model, self.lora_config)
+
+    def _save_model_weights(self, path: Path):
+        save_safetensors(path, dict(tree_flatten(self.model.parameters())), metadata={"format": "mlx"})
+
+    def _restore(self, path: Path):
+        """The trainable weights and the optimizer state of checkpoint directory `path`."""
+        weights = load_safetensors(path / "weights.safetensors")
+        check_names(str(path), weights, dict(tree_flatten(self.model.trainable_parameters())),
+                    "weights do not match this model's trainable parameters")
+        self.model.load_weights(list(weights.items()), strict=False)
+        saved = load_safetensors(path / "optimizer.safetensors")
+        check_names(f"{path}/optimizer.safetensors", saved, dict(tree_flatten(self.optimizer.state)),
+                    "does not match this run's optimizer state")
+        # leaf by leaf and in place: the compiled step holds this very dict (empty sub-trees included)
+        self.optimizer.state.update(tree_map_with_path(lambda k, _: saved[k], self.optimizer.state))
+        mx.eval(self.model.parameters(), self.optimizer.state)
+
+
+def _quantize(model, cfg: TrainConfig):
+    quantize_model(model, group_size=cfg.quantize_group_size, bits=cfg.quantize)
+
+
+def prepare_model(model, cfg: TrainConfig, model_name: str):
+    """Quantize (QLoRA, MLX's affine 4/8-bit), add adapters or unfreeze (full); returns the adapter_config
+    dict or None (`core.loop.prepare_model` with MLX's operations)."""
+    return loop.prepare_model(model, cfg, model_name, quantize=_quantize, unfreeze=lambda m: m.unfreeze(),
+                              apply_specs=apply_specs)

@@ -1,0 +1,113 @@
+"""`mlx-mistral data inspect`: documents, tokens, lengths, and what packing buys over padding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..core.data import LOSS_ON, SPLITS
+
+
+def _tokenizer(model: str):
+    """A tokenizer from a model directory, a tokenizer file, or a Hub repo id (tokenizer files only)."""
+    from ..core.hub import fetch_tokenizer
+    from ..core.tokenizer import Tokenizer, find_tokenizer_file
+
+    p = Path(model)
+    try:
+        if p.is_file():
+            return Tokenizer(p)
+        if p.is_dir():
+            return Tokenizer(find_tokenizer_file(p))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--model") from None
+    if model.count("/") != 1:
+        raise click.BadParameter(f"{model} is neither a local path nor a Hugging Face repo id", param_hint="--model")
+    try:
+        return fetch_tokenizer(model)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.group("data")
+def data_group():
+    """Inspect datasets: tokens, lengths, and what packing buys over padding."""
+
+
+@data_group.command("inspect")
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--model", required=True,
+              help="Model directory, tokenizer file (tokenizer.model / tekken.json) or Hub repo id; "
+                   "only its tokenizer is read.")
+@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2),
+              help="Row length of the packed training batches.")
+@click.option("--split", default="train", show_default=True, type=click.Choice(SPLITS),
+              help="Which file of a dataset directory.")
+@click.option("--overlap", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Tokens shared by consecutive chunks of documents longer than --seq-len.")
+@click.option("--loss-on", default="default", show_default=True, type=click.Choice(LOSS_ON),
+              help="default: assistant turns / completions / whole texts; last: last assistant turn; all.")
+@click.option("--skip-invalid", is_flag=True, help="Skip bad lines (and count them) instead of failing.")
+@click.option("--no-cache", is_flag=True, help="Tokenize again instead of using the on-disk cache.")
+def inspect_cmd(data, model, seq_len, split, overlap, loss_on, skip_invalid, no_cache):
+    """Documents, tokens, length histogram and packing efficiency of DATA (a .jsonl file or directory)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..core import chat
+    from ..core.data import load_dataset
+    from ..core.packing import length_histogram, pack
+    from ..ui.progress import bytes_bar
+
+    console = Console()
+    tok = _tokenizer(model)
+    if overlap >= seq_len:
+        raise click.BadParameter(f"must be smaller than --seq-len ({seq_len})", param_hint="--overlap")
+    with bytes_bar(console=console) as progress:
+        try:
+            docs, masks, stats = load_dataset(data, tok, split, loss_on=loss_on, skip_invalid=skip_invalid,
+                                              cache=not no_cache, progress=progress)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+
+    lengths = np.array([len(d) for d in docs])
+    try:
+        fmt = f"{chat.chat_version(tok)} chat format"
+    except ValueError:
+        fmt = "no supported chat format"
+    console.print(f"[bold]{stats['file']}[/] with {tok.path.name} ({fmt})"
+                  + (" [dim](cached)[/]" if stats["cached"] else ""))
+    summary = Table(show_header=False, box=None)
+    formats = ", ".join(f"{k}: {v:,}" for k, v in stats["formats"].items())
+    length = f"{lengths.min()} / {int(np.median(lengths))} / {lengths.mean():.0f} / {lengths.max()}"
+    for k, v in (("documents", f"{len(docs):,}"), ("formats", formats), ("tokens", f"{int(lengths.sum()):,}"),
+                 ("loss tokens", f"{stats['n_loss_tokens']:,}"), ("length min / median / mean / max", length),
+                 ("skipped lines", f"{stats['skipped']}")):
+        summary.add_row(k, v)
+    console.print(summary)
+
+    hist = Table(title="document lengths (tokens)", title_justify="left")
+    hist.add_column("length", justify="right")
+    hist.add_column("docs", justify="right")
+    hist.add_column("")
+    h = length_histogram(lengths, seq_len)
+    while len(h) > 1 and h[0][2] == 0:  # start at the shortest bucket in use
+        h = h[1:]
+    top = max(c for _, _, c in h) or 1
+    for lo, hi, c in h:
+        hist.add_row(f"{lo}-{hi}" + (" (split)" if lo > seq_len else ""), f"{c:,}", "█" * round(30 * c / top))
+    console.print(hist)
+
+    table = Table(title=f"rows of {seq_len} tokens", title_justify="left")
+    for col in ("packing", "rows", "tokens", "efficiency", "split docs", "overlap", "dropped"):
+        table.add_column(col, justify="right")
+    for mode, label in (("swa", "packed (swa)"), ("none", "padded (none)")):
+        p = pack(docs, seq_len, loss_masks=masks, overlap=overlap, mode=mode)
+        table.add_row(label, f"{p.rows:,}", f"{p.real_tokens:,}", f"{100 * p.efficiency:.1f}%", f"{p.n_split:,}",
+                      f"{p.overlap_tokens:,}", f"{p.dropped_tokens:,}")
+    console.print(table)
+    for err in stats["errors"]:
+        console.print(f"[yellow]skipped[/] {err}")
+

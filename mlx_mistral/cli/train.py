@@ -1,0 +1,154 @@
+"""`mlx-mistral train | eval | plan`: thin commands over the library (recipes/finetune.py, core)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+
+
+def _fail(e: Exception, hint: str | None = None):
+    raise click.BadParameter(str(e), param_hint=hint) if hint else click.ClickException(str(e))
+
+
+@click.command("train")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (see configs/).")
+@click.option("--model", help="Model directory, Hub id, or tiny:<preset> for a random model built on the fly.")
+@click.option("--data", help="Dataset: a directory with train.jsonl (valid.jsonl optional) or a .jsonl file.")
+@click.option("--out", help="Run directory (adapters, checkpoints, metrics.jsonl).")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps.")
+@click.option("--seq-len", type=click.IntRange(min=2), help="Tokens per packed row.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Rows per micro-step (per process).")
+@click.option("--lora-rank", type=click.IntRange(min=1), help="LoRA rank r.")
+@click.option("--rank-policy", type=click.Choice(["uniform", "gqa"]),
+              help="uniform: rank r everywhere; gqa: k/v get r * n_kv_heads / n_heads (alpha/r kept).")
+@click.option("--packing", type=click.Choice(["swa", "naive", "none"]), help="How documents fill rows.")
+@click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize the base at load (QLoRA).")
+@click.option("--fine-tune", type=click.Choice(["lora", "full"]), help="Train adapters or every parameter.")
+@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]),
+              help="auto: MLX on Apple silicon, torch with CUDA; on other machines see the README.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--no-dashboard", is_flag=True, help="Plain log lines instead of the live dashboard.")
+def train(config_path, model, data, out, steps, seq_len, batch_size, lora_rank, rank_policy, packing, quantize,
+          fine_tune, backend, resume, no_dashboard):
+    """Fine-tune with LoRA / QLoRA (or fully) on packed rows; writes a run directory.
+
+    Settings come from the dataclass defaults, then --config, then these flags. With --resume the run's
+    own config.yaml is the base instead (flags still override) and training continues exactly.
+    """
+    from ..backends import pick_backend
+    from ..core.train_config import load_config
+    from ..recipes.finetune import finetune
+
+    overrides = {"model": model, "data": data, "out": out, "steps": steps, "seq_len": seq_len,
+                 "batch_size": batch_size, "lora_rank": lora_rank, "rank_policy": rank_policy, "packing": packing,
+                 "quantize": int(quantize) if quantize else None, "fine_tune": fine_tune, "backend": backend}
+    if resume:
+        if not out:
+            raise click.BadParameter("--resume needs --out RUN_DIR (the run to continue)", param_hint="--out")
+        saved = Path(out) / "config.yaml"
+        if not saved.exists():
+            raise click.BadParameter(f"{saved} does not exist: nothing to resume", param_hint="--out")
+        config_path = saved
+    try:
+        cfg = load_config(config_path, overrides)
+    except ValueError as e:
+        _fail(e, "--config")
+    for key in ("model", "data"):
+        if not getattr(cfg, key):
+            raise click.BadParameter(f"no {key}: pass --{key} or set '{key}:' in the config", param_hint=f"--{key}")
+    try:
+        pick_backend(cfg.backend)
+    except ValueError as e:
+        _fail(e, "--backend")
+    try:
+        end = finetune(cfg, resume=resume, display="plain" if no_dashboard else "auto")
+    except ValueError as e:
+        _fail(e)
+    if end["reason"] == "nan":
+        raise click.ClickException(end["message"])
+    if end["reason"] == "interrupted":
+        click.echo(end["message"], err=True)
+        raise SystemExit(130)
+
+
+@click.command("eval")
+@click.option("--model", "model_path", required=True, help="Base model directory or Hub id.")
+@click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run directory with adapters.")
+@click.option("--data", required=True, help="Dataset directory or .jsonl file.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
+@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]),
+              help="auto: MLX on Apple silicon, torch with CUDA; on other machines see the README.")
+def eval_cmd(model_path, adapter, data, split, seq_len, batch_size, backend):
+    """Loss and perplexity of a model (with an adapter) on a dataset split."""
+    from ..backends import load, load_adapters
+    from ..core.data import resolve_split
+    from ..recipes.finetune import split_loss
+
+    try:
+        model, tok = load(model_path, backend=backend or "auto")
+        if adapter:
+            load_adapters(model, adapter)
+        if split != "train":  # the train split is checked where it is read, with its own message
+            try:
+                resolve_split(data, split)
+            except ValueError:
+                raise click.BadParameter(f"{data} has no {split} split ({split}.jsonl)", param_hint="--split") from None
+        loss, count = split_loss(model, tok, data, split, seq_len, batch_size)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{split}: loss {loss:.4f}  ppl {math.exp(min(loss, 700)):.3f}  ({int(count)} loss tokens)")
+
+
+@click.command("plan")
+@click.option("--model", "model_spec", required=True,
+              help="Model directory, Hub id, config.json, or a bundled config name (e.g. mistral-7b-v0.3).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Training YAML to plan for.")
+@click.option("--memory", "budget", required=True, help="Memory budget, e.g. 16GB.")
+def plan(model_spec, config_path, budget):
+    """Predict peak training memory and propose the largest setting that fits the budget."""
+    from ..core.adapters import count_params, plan_for_config
+    from ..core.config import ModelArgs, bundled_config
+    from ..core.memory import estimate, parse_size, propose
+    from ..core.train_config import load_config
+
+    try:
+        cfg = load_config(config_path)
+        budget_b = parse_size(budget)
+        p = Path(model_spec)
+        if p.exists():
+            args = ModelArgs.from_dir(p)
+        elif "/" not in model_spec:
+            args = bundled_config(model_spec)
+        else:
+            from ..core.hub import resolve_path
+
+            args = ModelArgs.from_dir(resolve_path(model_spec))
+        n = 0 if cfg.fine_tune == "full" else count_params(plan_for_config(args, cfg))
+        bits = cfg.quantize or (args.quantization or {}).get("bits")
+        kw = dict(fine_tune=cfg.fine_tune, trainable_params=n, bits=bits, group_size=cfg.quantize_group_size,
+                  dtype=cfg.dtype, grad_accum=cfg.grad_accum)
+        e = estimate(args, batch_size=cfg.batch_size, seq_len=cfg.seq_len, grad_checkpoint=cfg.grad_checkpoint, **kw)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    gb = 1e9
+    click.echo(f"{args.model_type}: {args.param_count() / 1e9:.2f}B parameters, {cfg.fine_tune}"
+               f"{f' ({n:,} trainable, {cfg.rank_policy} rank {cfg.lora_rank})' if n else ''}, "
+               f"weights at {bits or cfg.dtype}{' bits' if bits else ''}")
+    click.echo(f"at batch {cfg.batch_size} x seq {cfg.seq_len}, checkpointing {'on' if cfg.grad_checkpoint else 'off'}:")
+    for k, v in e.as_dict().items():
+        click.echo(f"  {k:<12}{v / gb:8.2f} GB")
+    verdict = "fits" if e.total <= 0.85 * budget_b else "does NOT fit"
+    click.echo(f"  {verdict} in {budget} (planning to 85%: {0.85 * budget_b / gb:.1f} GB)")
+    fits = propose(args, budget_b, **kw)
+    if fits:
+        f = fits[0]
+        click.echo(f"largest setting that fits: --seq-len {f['seq_len']} --batch-size {f['batch_size']}"
+                   f"{' with grad_checkpoint: true' if f['grad_checkpoint'] else ''} "
+                   f"(predicted {f['estimate'].total / gb:.2f} GB)")
+    else:
+        click.echo("nothing fits: quantize (--quantize 4), use fewer LoRA layers, or a smaller model")
+

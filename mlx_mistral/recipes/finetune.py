@@ -1,0 +1,141 @@
+"""`finetune(config)`: a whole training run, what `mlx-mistral train` runs, callable from Python.
+
+    import mlx_mistral
+    end = mlx_mistral.finetune("configs/mistral-7b-v0.3-qlora-16gb.yaml")   # or a dict, or a TrainConfig
+    print(end["reason"], end["final_loss"], end["run_dir"])
+
+The steps: choose the backend (`backends.pick_backend`), resolve the model (a directory, a Hub id, or
+`tiny:<preset>` built into `<out>/base`), load it, pack the data's train split (and valid split, or hold
+out `val_fraction` of the rows), add adapters (or unfreeze for full fine-tuning), write `config.yaml`,
+then train with the JSONL log (and a display when asked) as callbacks. Errors are `ValueError`s naming
+the file, key or value; the CLI turns them into click errors.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .. import backends
+from ..core.loop import Rows, split_rows
+from ..core.train_config import TrainConfig, config_from_dict, load_config, write_run_config
+
+DISPLAYS = (None, "plain", "auto")
+
+
+def as_config(config) -> TrainConfig:
+    """A validated `TrainConfig` from a TrainConfig, a dict of config keys, or a YAML file path."""
+    if isinstance(config, TrainConfig):
+        return config.validate()
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    raise ValueError(f"config must be a TrainConfig, a dict or a YAML path, got {type(config).__name__}")
+
+
+def resolve_model(spec: str, run_dir: Path, seed: int = 0, rank0: bool = True, barrier=lambda: None) -> Path:
+    """A model directory from a path / Hub id, or "tiny:<preset>": a random model built once into
+    `run_dir/base` (see core/tiny.py) by rank 0 while the others wait at `barrier()`."""
+    from ..core.hub import resolve_path
+
+    if spec.startswith("tiny:"):
+        from ..core.tiny import build_tiny
+
+        base = run_dir / "base"
+        if rank0 and not (base / "config.json").exists():
+            build_tiny(base, spec.split(":", 1)[1], seed=seed)
+        barrier()
+        return base
+    return resolve_path(spec)
+
+
+def load_rows(data: str, tok, cfg: TrainConfig, split: str):
+    """`(Rows, Packed)` of one split of a dataset directory, or (None, None) when the split does not exist
+    (the train split must). A progress bar is drawn while tokenizing on a terminal."""
+    from ..core.data import load_dataset, resolve_split
+    from ..core.packing import pack
+    from ..ui.progress import bytes_bar
+
+    try:
+        resolve_split(data, split)
+    except ValueError:
+        if split == "train":
+            raise
+        return None, None
+    with bytes_bar(f"tokenizing {split}") as progress:
+        docs, masks, _ = load_dataset(data, tok, split, progress=progress)
+    packed = pack(docs, cfg.seq_len, masks, overlap=cfg.overlap, mode=cfg.packing)
+    return Rows.from_packed(packed), packed
+
+
+def split_loss(model, tok, data: str, split: str = "test", seq_len: int = 2048, batch_size: int = 4):
+    """(mean token loss, loss tokens) of a loaded model (either backend) on one split of a dataset, packed
+    as training packs it (`swa`); ValueError when the dataset has no such split."""
+    rows, _ = load_rows(data, tok, TrainConfig(seq_len=seq_len, packing="swa"), split)
+    if rows is None:
+        raise ValueError(f"{data} has no {split} split ({split}.jsonl)")
+    model.eval()
+    return backends.dataset_loss(model, rows, batch_size)
+
+
+def finetune(config, *, resume: bool = False, display: str | None = None, callbacks=()) -> dict:
+    """Train as `mlx-mistral train` does and return the trainer's final "end" event (`reason` "done",
+    "interrupted" or "nan", `final_loss`, `best_val_loss`, `run_dir`, `message`, ...).
+
+    `config`: a TrainConfig, a dict of config keys, or a YAML path (it needs `model` and `data`).
+    `resume`: continue `config.out` from its latest checkpoint. `display`: None (nothing printed; the run
+    still writes `metrics.jsonl`), "plain" (one line per report) or "auto" (the live dashboard on a
+    terminal, plain lines elsewhere). `callbacks`: more callables that receive every event dict.
+    Raises ValueError for a bad config, model, dataset or checkpoint.
+    """
+    if display not in DISPLAYS:
+        raise ValueError(f"display must be one of {', '.join(map(repr, DISPLAYS))}, got {display!r}")
+    cfg = as_config(config)
+    for key in ("model", "data"):
+        if not getattr(cfg, key):
+            raise ValueError(f"config has no {key!r}: set it to a model directory / dataset")
+    b = backends.get(backends.pick_backend(cfg.backend))
+    group = b.init_group()
+    rank0 = group is None or group.rank() == 0
+    run_dir = Path(cfg.out)
+    model_dir = resolve_model(cfg.model, run_dir, cfg.seed, rank0, lambda: b.barrier(group))
+    model, tok = b.load(model_dir, dtype="float32" if cfg.fine_tune == "full" else cfg.dtype)
+    train_rows, packed = load_rows(cfg.data, tok, cfg, "train")
+    val_rows, _ = load_rows(cfg.data, tok, cfg, "valid")
+    if val_rows is None and cfg.val_fraction > 0:
+        train_rows, val_rows = split_rows(packed, cfg.val_fraction, cfg.seed)
+    lora_cfg = b.prepare_model(model, cfg, str(model_dir))
+    if rank0:
+        write_run_config(run_dir, cfg)
+        if lora_cfg is None:  # full fine-tuning: the run directory becomes a loadable model directory
+            shutil.copy(tok.path, run_dir / tok.path.name)
+    return _train(b, model, cfg, train_rows, val_rows, run_dir, lora_cfg, str(model_dir), group, rank0, resume,
+                  display, callbacks)
+
+
+def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_name: str, group, rank0: bool,
+           resume: bool, display: str | None, callbacks) -> dict:
+    """The trainer of backend `b` with the JSONL log (and the display) on rank 0; the "end" event."""
+    from ..ui.callbacks import JSONLLogger
+
+    callbacks = list(callbacks)
+    shown = log = None
+    if rank0:
+        log = JSONLLogger(run_dir / "metrics.jsonl")
+        callbacks.insert(0, log)
+        if display is not None:
+            from ..ui.dashboard import make_callback
+
+            shown = make_callback(plain=True if display == "plain" else None, total_steps=cfg.steps)
+            callbacks.append(shown)
+    try:
+        trainer = b.Trainer(model, cfg, train_rows, val_rows, run_dir, callbacks, lora_config=lora_cfg,
+                            model_name=model_name, group=group)
+        if shown is not None and hasattr(shown, "__enter__"):
+            with shown:
+                return trainer.run(resume=resume)
+        return trainer.run(resume=resume)
+    finally:
+        if log is not None:
+            log.close()
