@@ -6,6 +6,16 @@ PIP := $(BIN)/pip install -q -c constraints.txt
 
 .PHONY: demo test test-fast system-deps bench thesis clean
 
+# The GGUF judge (llama.cpp through llama-cpp-python), built portably: a build tuned to the build machine's
+# CPU (GGML_NATIVE, the default of a plain `pip install`) segfaulted on another CPU of the same machine kind.
+# The wheel is built once into a git-ignored folder named by its version and flags; pip's own cache cannot
+# tell a native build from a portable one, so it is neither read nor written for this build.
+LLAMA_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
+empty :=
+space := $(empty) $(empty)
+LLAMA_WHEELS := .wheels/llama-cpp-python-$(LLAMA_VERSION)-$(subst $(space),-,$(subst =,_,$(subst -D,,$(LLAMA_CMAKE_ARGS))))
+
 # Debian/Ubuntu: OpenBLAS for MLX's CPU backend (see mlx_mistral/_blas.py); needs root, skipped otherwise.
 system-deps:
 	@if [ "$$(uname)" = Linux ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
@@ -25,16 +35,30 @@ $(VENV)/.base: $(BIN)/python pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -e ".[test,gguf-judge]"
+	$(PIP) -e ".[test]"
+	touch $@
+
+$(LLAMA_WHEELS)/.built: | $(BIN)/python
+	@echo "building llama-cpp-python $(LLAMA_VERSION) with CMAKE_ARGS=\"$(LLAMA_CMAKE_ARGS)\" (once; ~5-15 min on 2 cores)"
+	mkdir -p $(LLAMA_WHEELS)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel -q --no-cache-dir --no-deps -w $(LLAMA_WHEELS) \
+	  llama-cpp-python==$(LLAMA_VERSION)
+	touch $@
+
+$(VENV)/.llama: $(VENV)/.test $(LLAMA_WHEELS)/.built
+	$(PIP) diskcache jinja2 numpy typing-extensions
+	$(BIN)/pip install -q --no-index --no-deps --force-reinstall --find-links $(LLAMA_WHEELS) \
+	  llama-cpp-python==$(LLAMA_VERSION)
 	touch $@
 
 # The main job: tiny Mistral + bundled chat data -> fine-tune under the dashboard -> eval -> generate -> export.
 demo: system-deps $(VENV)/.base
 	$(BIN)/mlx-mistral demo --out demo_out
 
-# The whole test suite (installs the test extras, including llama.cpp through llama-cpp-python).
-test: system-deps $(VENV)/.test
-	$(BIN)/python -m pytest -q
+# The whole test suite (installs the test extras and the portable llama.cpp judge).
+# MLX_MISTRAL_REQUIRE_LLAMA=1: the llama.cpp tests fail instead of skipping when the judge is missing.
+test: system-deps $(VENV)/.llama
+	MLX_MISTRAL_REQUIRE_LLAMA=1 $(BIN)/python -m pytest -q
 
 test-fast: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m "not slow and not llama"
@@ -49,4 +73,4 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/bench_blas.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache  # keeps .wheels/ (the llama.cpp build)

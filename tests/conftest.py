@@ -61,3 +61,35 @@ def tiny_models(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+# ---- the llama.cpp judge in the session log ---------------------------------------------------------------
+_LLAMA: dict = {"tally": {}}
+
+
+def _llama_info() -> str:
+    """Which llama.cpp build judges the GGUF files (`llama_print_system_info`, from a child process)."""
+    if "info" not in _LLAMA:
+        from llama_judge import system_info
+
+        info = system_info()
+        _LLAMA["info"] = "not installed" if info is None else info
+    return _LLAMA["info"]
+
+
+def pytest_report_header(config):
+    return [f"llama.cpp judge: {_llama_info()}"]
+
+
+def pytest_runtest_logreport(report):
+    if "llama" not in report.keywords:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _LLAMA["tally"][report.outcome] = _LLAMA["tally"].get(report.outcome, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Printed even under -q: the build in use and how many llama tests ran (CI's log shows both)."""
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(_LLAMA["tally"].items())) or "none ran"
+    terminalreporter.write_line(f"llama.cpp judge: {_llama_info()}")
+    terminalreporter.write_line(f"llama.cpp judge tests (marker 'llama'): {counts}")

@@ -6,8 +6,6 @@ It runs with an F32 KV cache and flash attention off, so an F32 file is exact to
 
 from __future__ import annotations
 
-import ctypes
-
 import mlx_mistral  # noqa: F401
 import gguf
 import mlx.core as mx
@@ -20,32 +18,11 @@ from mlx_mistral.backends.mlx.loader import load
 from mlx_mistral.core.weights import to_interleaved as permute_rope
 from mlx_mistral.export.gguf_adapter import export_gguf_lora
 from mlx_mistral.export.gguf_model import export_gguf
+from llama_judge import quantize, system_info
+from llama_judge import run as judge
 from test_peft import make_run, prompt_ids
 
 TEXT = "The quick brown fox jumps over the lazy dog. Mistral models run in llama.cpp: 42 tokens, café, 日本."
-
-
-def _llama(path, **kw):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF judge: pip install llama-cpp-python")
-    return llama_cpp.Llama(str(path), logits_all=True, type_k=0, type_v=0, flash_attn=False, n_ctx=256,
-                           verbose=False, seed=0, **kw)
-
-
-def _logits(llm, ids):
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[:len(ids)])
-
-
-def _greedy(llm, ids, n=30):
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for _ in range(n):
-        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(t)
-        llm.eval([t])
-    return out
 
 
 def _fields(path):
@@ -84,7 +61,29 @@ def test_unknown_type_and_bad_name(tiny_models, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-# ---- llama.cpp ------------------------------------------------------------------------------------------
+# ---- llama.cpp (in a child process: see llama_judge.py) --------------------------------------------------
+@pytest.mark.llama
+def test_judge_is_the_portable_build():
+    """`make test` builds llama.cpp with GGML_NATIVE=OFF: a build for the build machine's own CPU
+    (AVX512, AMX) crashed in `decode` on another CPU of the same machine kind."""
+    info = system_info()
+    if info is None:
+        from llama_judge import require
+
+        require()
+    print(f"llama.cpp system info: {info}")
+    assert "AVX512 = 1" not in info and "AMX_INT8 = 1" not in info, (
+        f"llama-cpp-python was built for this CPU ({info}); rebuild it portably: make test (see README)")
+
+
+@pytest.mark.llama
+def test_a_crash_in_the_judge_fails_one_test_naming_the_file(tmp_path):
+    from llama_judge import _call
+
+    with pytest.raises(pytest.fail.Exception, match=r"crashed with SIGSEGV on .*m\.gguf"):
+        _call({"task": "crash"}, tmp_path, str(tmp_path / "m.gguf"))
+
+
 @pytest.mark.llama
 @pytest.mark.parametrize("kind,overrides", [("full", {}), ("mixtral", {"sliding_window": None}),
                                              ("nemo", {"sliding_window": None}), ("mqa", {"sliding_window": None})])
@@ -93,12 +92,13 @@ def test_f32_logits_and_greedy_match_llama_cpp(tiny_models, tmp_path, kind, over
     r = export_gguf(src, tmp_path / "m.gguf", dtype="f32")
     assert r["types"] == {"F32": sum(1 for _ in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors)}
     assert not r["warnings"]
-    llm = _llama(tmp_path / "m.gguf")
     model, tok = load(src, dtype="float32")
     ids = tok.encode(TEXT)
-    assert llm.tokenize(TEXT.encode(), add_bos=True) == ids
-    assert np.abs(_logits(llm, ids) - np.array(model(mx.array([ids]))[0])).max() < 1e-4
-    assert _greedy(llm, ids) == generate(model, ids, 30)
+    toks, logits, greedy = judge(tmp_path / "m.gguf", [{"op": "tokenize", "text": TEXT}, {"op": "logits", "ids": ids},
+                                                     {"op": "greedy", "ids": ids, "n": 30}], tmp_path / "judge")
+    assert toks == ids
+    assert np.abs(logits - np.array(model(mx.array([ids]))[0])).max() < 1e-4
+    assert greedy == generate(model, ids, 30)
 
 
 @pytest.mark.llama
@@ -107,28 +107,26 @@ def test_tekken_model(tiny_models, tmp_path):
     export_gguf(src, tmp_path / "t.gguf", dtype="f32")
     _, f = _fields(tmp_path / "t.gguf")
     assert f["tokenizer.ggml.pre"] == "tekken" and f["tokenizer.ggml.model"] == "gpt2"
-    llm = _llama(tmp_path / "t.gguf")
     model, tok = load(src, dtype="float32")
-    for text in (TEXT, "Hello world", "  two  spaces\nand a newline", "naïve 🤖 x=1+2"):
-        assert llm.tokenize(text.encode(), add_bos=True) == tok.encode(text), text
+    texts = (TEXT, "Hello world", "  two  spaces\nand a newline", "naïve 🤖 x=1+2")
     ids = tok.encode(TEXT)
-    assert np.abs(_logits(llm, ids) - np.array(model(mx.array([ids]))[0])).max() < 1e-4
+    *toks, logits = judge(tmp_path / "t.gguf", [{"op": "tokenize", "text": t} for t in texts]
+                        + [{"op": "logits", "ids": ids}], tmp_path / "judge")
+    for text, got in zip(texts, toks):
+        assert got == tok.encode(text), text
+    assert np.abs(logits - np.array(model(mx.array([ids]))[0])).max() < 1e-4
 
 
 @pytest.mark.llama
 @pytest.mark.parametrize("kind", ["full", "mixtral"])
 def test_q8_0_q4_0_byte_identical_to_llama_cpp_quantizer(tiny_models, tmp_path, kind):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF judge")
     src = tiny_models(kind, sliding_window=None)
     export_gguf(src, tmp_path / "f32.gguf", dtype="f32")
     for dtype, ftype in (("q8_0", gguf.LlamaFileType.MOSTLY_Q8_0), ("q4_0", gguf.LlamaFileType.MOSTLY_Q4_0)):
         ours = tmp_path / f"{dtype}.gguf"
         export_gguf(src, ours, dtype=dtype)
         ref = tmp_path / f"ref_{dtype}.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.pure = int(ftype), True
-        assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(ref).encode(),
-                                              ctypes.byref(params)) == 0
+        assert quantize(tmp_path / "f32.gguf", ref, int(ftype), tmp_path / f"judge_q_{dtype}") == 0
         a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
         b = {t.name: t for t in gguf.GGUFReader(str(ref)).tensors}
         assert a.keys() == b.keys()
@@ -136,9 +134,8 @@ def test_q8_0_q4_0_byte_identical_to_llama_cpp_quantizer(tiny_models, tmp_path, 
         assert sum(a[n].tensor_type.name == dtype.upper() for n in same) >= 2 * 4  # the projections at least
         for n in same:
             assert np.array_equal(np.array(a[n].data), np.array(b[n].data)), n
-        llm = _llama(ours)  # and llama.cpp runs our file
-        ids = load(src)[1].encode(TEXT)
-        assert np.isfinite(_logits(llm, ids)).all()
+        ids = load(src)[1].encode(TEXT)  # and llama.cpp runs our file
+        assert np.isfinite(judge(ours, [{"op": "logits", "ids": ids}], tmp_path / f"judge_{dtype}")[0]).all()
 
 
 @pytest.mark.llama
@@ -149,8 +146,8 @@ def test_k_quant_through_llama_cpp(tiny_models, tmp_path):
     _, f = _fields(tmp_path / "k.gguf")
     assert f["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
     assert "Q5_0" in r["types"] and not list(tmp_path.glob(".*"))  # fallback type; no temp files left
-    llm = _llama(tmp_path / "k.gguf")
-    assert np.isfinite(_logits(llm, load(src)[1].encode(TEXT))).all()
+    ids = load(src)[1].encode(TEXT)
+    assert np.isfinite(judge(tmp_path / "k.gguf", [{"op": "logits", "ids": ids}], tmp_path / "judge")[0]).all()
 
 
 @pytest.mark.llama
@@ -163,11 +160,12 @@ def test_adapter_gguf_matches_fused(tiny_models, tmp_path, policy):
     assert r["folded"] == (policy == "gqa") and (r["alpha"] == 0.0) == (policy == "gqa")
     _, f = _fields(tmp_path / "lora.gguf")
     assert f["general.type"] == "adapter" and f["adapter.type"] == "lora"
-    llm = _llama(tmp_path / "base.gguf", lora_path=str(tmp_path / "lora.gguf"))
     model, tok = load(src, dtype="float32")
     lora.load_adapters(model, run)
     lora.fuse(model)
     ids = prompt_ids(tok, 60)
     ours = np.array(model(mx.array([ids]))[0])
-    assert np.abs(_logits(llm, ids) - ours).max() < 1e-4
+    judged = judge(tmp_path / "base.gguf", [{"op": "logits", "ids": ids}], tmp_path / "judge",
+                 lora_path=tmp_path / "lora.gguf")[0]
+    assert np.abs(judged - ours).max() < 1e-4
     assert np.abs(np.array(load(src, dtype="float32")[0](mx.array([ids]))[0]) - ours).max() > 1e-2

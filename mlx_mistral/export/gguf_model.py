@@ -16,7 +16,6 @@ Tensors are streamed: one tensor is in numpy at a time, so peak memory is ~ the 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import tempfile
 from pathlib import Path
@@ -177,16 +176,32 @@ def write_gguf(path: Path, model, args: ModelArgs, tok: Tokenizer, qtype: Q, fil
     return counts
 
 
+_QUANTIZE = """
+import ctypes, sys
+import llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype, params.nthread = int(sys.argv[3]), int(sys.argv[4])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
+"""
+
+
 def _k_quantize(src: Path, dst: Path, file_type: int, n_threads: int | None = None):
-    try:
-        import llama_cpp
-    except ImportError:
+    """llama.cpp's own quantizer, in a child process: a native library built for another CPU can crash, and
+    a crash then becomes a clear error instead of taking the caller down (see the README's troubleshooting)."""
+    import importlib.util
+    import signal
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llama_cpp") is None:
         raise ValueError("K-quants (q4_k_m, q5_k_m, q6_k) are made by llama.cpp's own quantizer: "
-                         "pip install llama-cpp-python (or export f16 and run llama-quantize yourself)") from None
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(file_type)
-    params.nthread = n_threads or os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+                         "pip install llama-cpp-python (or export f16 and run llama-quantize yourself)")
+    cmd = [sys.executable, "-c", _QUANTIZE, str(src), str(dst), str(int(file_type)),
+           str(n_threads or os.cpu_count() or 1)]
+    rc = subprocess.run(cmd).returncode
+    if rc < 0:
+        raise ValueError(f"llama.cpp's quantizer crashed with {signal.Signals(-rc).name} on {src}: llama-cpp-python "
+                         "may have been built for another CPU; see 'Troubleshooting' in the README")
     if rc != 0:
         raise ValueError(f"llama.cpp's quantizer failed on {src} (return code {rc}); see its log above")
 
