@@ -3,7 +3,7 @@
 #
 #     bash bench/cuda_check.sh            # from the repository root, in the project's virtualenv
 #
-# 1. tests/test_torch_*.py on the CPU (the same checks CI runs; CUDA hidden so they stay on CPU).
+# 1. tests/backends/torch/ and tests/backends/test_backends.py on the CPU (the checks CI runs; CUDA hidden).
 # 2. On the GPU, fp32 (TF32 off): logits of every tiny config vs transformers (CPU) for SDPA and compiled
 #    flex_attention, past the window; packed-row isolation and zero cross-document gradient through
 #    flex_attention's backward (which has no CPU implementation); 3 LoRA steps on GPU vs CPU; a bf16-autocast
@@ -17,8 +17,8 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no C
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
 echo "== 1. CPU parity tests"
-CUDA_VISIBLE_DEVICES="" timeout 170 python -m pytest -q -x -m "not slow" tests/test_torch_model.py \
-    tests/test_torch_trainer.py tests/test_torch_backend.py
+CUDA_VISIBLE_DEVICES="" timeout 170 python -m pytest -q -x -m "not slow" tests/backends/torch/test_torch_model.py \
+    tests/backends/torch/test_torch_trainer.py tests/backends/test_backends.py
 
 echo "== 2-3. GPU parity and throughput"
 timeout 240 python - <<'EOF'

@@ -10,7 +10,7 @@ Pure functions of `ModelArgs` and the training settings; nothing is allocated. T
   intermediate-size tensors, norms and residuals) plus the attention probabilities (heads x keys per
   token); with checkpointing only each layer's input is kept and one layer is recomputed at a time;
 - the logits and their gradient (batch x seq x vocab, fp32, two live copies in the loss).
-The constants were fitted to `mx.get_peak_memory()` on the CPU backend (tests/test_memory.py checks
+The constants were fitted to `mx.get_peak_memory()` on the CPU backend (tests/core/test_memory.py checks
 them to within 20% on tiny and small models); treat predictions for large models as estimates.
 """
 

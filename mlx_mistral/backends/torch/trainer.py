@@ -5,7 +5,7 @@ Notable:
   (`batch_rows`, `micro_rows`), the dropout seed of each micro-step, `Rows`, and the step loop with its
   events, evaluation, checkpoints, resume, SIGINT and NaN handling (`TrainLoop`). The loss is the same
   sum of token losses over the global batch divided by its number of loss tokens, so with fp32, dropout 0
-  and the same initial adapters both backends take the same steps (tests/test_torch_trainer.py).
+  and the same initial adapters both backends take the same steps (tests/backends/torch/test_torch_trainer.py).
 - AdamW written out (`AdamW` below) with MLX's formula and its `bias_correction` switch, rather than
   `torch.optim.AdamW`, which cannot turn bias correction off.
 - On CUDA the forward runs under bf16 autocast (LoRA weights, gradients and optimizer state stay fp32)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_dashboard import braille_cells, run_in_pty
+from ui.test_dashboard import braille_cells, run_in_pty  # tests/ui/ (tests/ is on sys.path: conftest.py)
 
 
 @pytest.mark.slow

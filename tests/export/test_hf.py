@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_mistral.backends.mlx import lora
 from mlx_mistral.export.hf import export_hf, hf_to_mlx, plan_shards
 from mlx_mistral.backends.mlx.loader import load
-from test_peft import make_run, ours_with_adapter, prompt_ids, torch_logits
+from test_adapters import make_run, ours_with_adapter, prompt_ids, torch_logits
 
 TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog.", "Line one\nline two\n\nend",
          "unicode: héllo 日本語 🤖 naïve café", "numbers 12345 and 3.14159", "[INST] hi [/INST]", "tab\there"]

@@ -20,7 +20,7 @@ from mlx_mistral.export.gguf_adapter import export_gguf_lora
 from mlx_mistral.export.gguf_model import export_gguf
 from llama_judge import quantize, system_info
 from llama_judge import run as judge
-from test_peft import make_run, prompt_ids
+from test_adapters import make_run, prompt_ids
 
 TEXT = "The quick brown fox jumps over the lazy dog. Mistral models run in llama.cpp: 42 tokens, café, 日本."
 
