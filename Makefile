@@ -16,7 +16,7 @@ empty :=
 space := $(empty) $(empty)
 LLAMA_WHEELS := .wheels/llama-cpp-python-$(LLAMA_VERSION)-$(subst $(space),-,$(subst =,_,$(subst -D,,$(LLAMA_CMAKE_ARGS))))
 
-# Debian/Ubuntu: OpenBLAS for MLX's CPU backend (see mlx_mistral/_blas.py); needs root, skipped otherwise.
+# Debian/Ubuntu: OpenBLAS for MLX's CPU backend (see mlx_mistral/backends/_blas.py); needs root, skipped otherwise.
 system-deps:
 	@if [ "$$(uname)" = Linux ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  if ! ldconfig -p | grep -q libopenblas.so.0; then \
