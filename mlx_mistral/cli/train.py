@@ -28,10 +28,15 @@ def _fail(e: Exception, hint: str | None = None):
 @click.option("--fine-tune", type=click.Choice(["lora", "full"]), help="Train adapters or every parameter.")
 @click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]),
               help="auto: MLX on Apple silicon, torch with CUDA; on other machines see the README.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its latest checkpoint (flags may change steps, logging, "
+                   "evaluation and saving; anything the checkpoint depends on is refused).")
+@click.option("--overwrite", is_flag=True,
+              help="Start over in an --out that holds a run: its run files (checkpoints, adapters, "
+                   "metrics.jsonl, config.yaml) are removed; a folder with other files is never emptied.")
 @click.option("--no-dashboard", is_flag=True, help="Plain log lines instead of the live dashboard.")
 def train(config_path, model, data, out, steps, seq_len, batch_size, lora_rank, rank_policy, packing, quantize,
-          fine_tune, backend, resume, no_dashboard):
+          fine_tune, backend, resume, overwrite, no_dashboard):
     """Fine-tune with LoRA / QLoRA (or fully) on packed rows; writes a run directory.
 
     Settings come from the dataclass defaults, then --config, then these flags. With --resume the run's
@@ -63,14 +68,16 @@ def train(config_path, model, data, out, steps, seq_len, batch_size, lora_rank, 
     except ValueError as e:
         _fail(e, "--backend")
     try:
-        end = finetune(cfg, resume=resume, display="plain" if no_dashboard else "auto")
+        end = finetune(cfg, resume=resume, overwrite=overwrite, display="plain" if no_dashboard else "auto")
     except ValueError as e:
         _fail(e)
-    if end["reason"] == "nan":
+    from ..core.loop import EXIT_CODES
+
+    if end["reason"] in ("nan", "stalled"):
         raise click.ClickException(end["message"])
-    if end["reason"] == "interrupted":
+    if end["reason"] in ("interrupted", "terminated"):
         click.echo(end["message"], err=True)
-        raise SystemExit(130)
+        raise SystemExit(EXIT_CODES[end["reason"]])
 
 
 @click.command("eval")
