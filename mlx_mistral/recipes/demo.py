@@ -74,7 +74,7 @@ def prepare_out(out: Path) -> list[str]:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; the demo needs a folder")
     present = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    if present and MARKER not in present:
+    if present and MARKER not in present and not set(present) <= set(MADE):  # (earlier demos left no marker)
         raise ValueError(f"--out {out} is not empty and was not made by the demo ({', '.join(present[:5])}"
                          f"{', ...' if len(present) > 5 else ''}); the demo never deletes files it did not make: "
                          "choose another --out, or an empty folder")

@@ -264,3 +264,15 @@ def test_shard_index_pointing_outside_the_model_folder_is_refused(tiny_models, t
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
     with pytest.raises(ValueError, match="points outside the model folder"):
         weight_files(model)
+
+
+def test_demo_replaces_only_its_own_entries(tmp_path):
+    from mlx_mistral.recipes.demo import MARKER, prepare_out
+
+    out = tmp_path / "demo_out"
+    (out / "lora").mkdir(parents=True)  # what an earlier demo (before the marker file) left
+    (out / "pretrain").mkdir()
+    assert prepare_out(out) == ["lora", "pretrain"] and (out / MARKER).exists()
+    (out / "export").mkdir()
+    (out / "notes.txt").write_text("mine")  # a marked folder: the demo's entries go, the user's stay
+    assert prepare_out(out) == ["export"] and (out / "notes.txt").read_text() == "mine"
