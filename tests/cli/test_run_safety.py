@@ -272,7 +272,7 @@ def test_demo_replaces_only_its_own_entries(tmp_path):
     out = tmp_path / "demo_out"
     (out / "lora").mkdir(parents=True)  # what an earlier demo (before the marker file) left
     (out / "pretrain").mkdir()
-    assert prepare_out(out) == ["lora", "pretrain"] and (out / MARKER).exists()
+    assert sorted(prepare_out(out)) == ["lora", "pretrain"] and (out / MARKER).exists()
     (out / "export").mkdir()
     (out / "notes.txt").write_text("mine")  # a marked folder: the demo's entries go, the user's stay
     assert prepare_out(out) == ["export"] and (out / "notes.txt").read_text() == "mine"
