@@ -92,6 +92,9 @@ def test_eval_reports_each_split_on_the_training_masks(chat_run):
     assert [ln.split(":")[0] for ln in lines] == ["train", "valid"]  # no test.jsonl
     val = float(lines[1].split("loss ")[1].split()[0])
     events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    from mlx_mistral.backends.mlx.trainer import device_name
+
+    assert events[0]["event"] == "start" and events[0]["device"] == device_name()  # readable, for the dashboard
     trained = [e["val_loss"] for e in events if e["event"] == "eval"][-1]  # the trainer's, on all valid rows
     assert abs(val - trained) < 5e-5  # printed to 4 decimals
     from mlx_mistral.core.chat import encode_chat
