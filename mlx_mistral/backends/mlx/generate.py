@@ -61,7 +61,7 @@ def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
 def process_logits(logits: mx.array, sampling: Sampling, history: list[int] = ()) -> mx.array:
     """(B, vocab) fp32 logits as the draw sees them: repetition penalty, then (unless greedy) temperature,
     top-k, top-p and min-p, -inf where a token is ruled out; `history`: the tokens so far."""
-    logits = apply_repetition_penalty(logits.astype(mx.float32), sampling.history(list(history)),
+    logits = apply_repetition_penalty(logits.astype(mx.float32), sampling.history(history),
                                       sampling.repetition_penalty)
     if sampling.temp == 0:
         return logits

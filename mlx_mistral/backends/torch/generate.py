@@ -56,7 +56,7 @@ def apply_min_p(logits, min_p: float):
 def process_logits(logits, sampling: Sampling, history: list[int] = ()):
     """(B, vocab) fp32 logits as the draw sees them: repetition penalty, then (unless greedy) temperature,
     top-k, top-p and min-p, -inf where a token is ruled out; `history`: the tokens so far."""
-    logits = apply_repetition_penalty(logits.float(), sampling.history(list(history)), sampling.repetition_penalty)
+    logits = apply_repetition_penalty(logits.float(), sampling.history(history), sampling.repetition_penalty)
     if sampling.temp == 0:
         return logits
     logits = logits / sampling.temp
