@@ -3,6 +3,7 @@
 transformers (the reference nobody here wrote): RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
 TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, each alone and chained in the order `generate` applies
 them. Each backend's `process_logits` must give the same logits (exactly the same tokens ruled out, -inf).
+On MLX, also mlx-lm's own sample_utils filters and repetition penalty.
 """
 
 from __future__ import annotations
@@ -119,3 +120,21 @@ def test_bad_settings_name_the_setting(bad, match):
         Sampling(**bad).validate()
     with pytest.raises(ValueError, match=match):
         mlx_gen.generate(None, [1, 2], 3, **bad)
+
+
+def test_mlx_filters_equal_mlx_lms():
+    """mlx-lm's own samplers (sample_utils) rule out the same tokens on the same log-probabilities, and its
+    repetition penalty gives the same logits over the same context."""
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_repetition_penalty
+
+    for seed in range(3):
+        logprobs = mx.array(_logits(seed)) - mx.logsumexp(mx.array(_logits(seed)), axis=-1, keepdims=True)
+        for ours_f, theirs_f, v in [(mlx_gen.apply_top_k, apply_top_k, 20), (mlx_gen.apply_min_p, apply_min_p, 0.05),
+                                    (mlx_gen.apply_top_p, apply_top_p, 0.8)]:
+            want, got = np.array(theirs_f(logprobs, v)), np.array(ours_f(logprobs, v))
+            assert np.array_equal(np.isneginf(want), np.isneginf(got)) and np.isneginf(got).any(), ours_f.__name__
+        x = mx.array(_logits(seed))
+        want = make_repetition_penalty(1.3, context_size=5)(HISTORY, mx.array(x))
+        got = mlx_gen.apply_repetition_penalty(x, Sampling(repetition_penalty=1.3, repetition_context=5).history(HISTORY),
+                                               1.3)
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6, atol=1e-6)
