@@ -1,6 +1,7 @@
 """Tokenizer files for exported directories, and the export chat templates: the HF `chat_template` and the GGUF's
-`tokenizer.chat_template` (Jinja) and the Ollama Modelfile TEMPLATE (Go text/template), which render a conversation to exactly the tokens training used (`core.chat.encode_chat`, itself equal to
-mistral-common's `encode_chat_completion`).
+`tokenizer.chat_template` (Jinja) and the Ollama Modelfile TEMPLATE (Go text/template), which render a
+conversation to exactly the tokens training used (`core.chat.encode_chat`, itself equal to mistral-common's
+`encode_chat_completion`).
 
 Formats (`chat_format` decides one for a tokenizer, as training does):
 - "v1" (Mistral 7B v0.1; `[INST]` is plain text): `<s>[INST] {system}\\n\\n{user} [/INST] {answer}</s>[INST] ...`,

@@ -113,7 +113,8 @@ def evaluate(model, tok, data: str, splits=("train", "valid", "test"), run_dir: 
         loss, count = split_loss(model, tok, data, split, batch_size=batch_size, cfg=cfg)
         out[split] = {"loss": loss, "ppl": math.exp(min(loss, 700)), "tokens": int(count)}
     if not out:
-        raise ValueError(f"{data} has none of the splits {', '.join(splits)} ({', '.join(s + '.jsonl' for s in splits)})")
+        files = ", ".join(s + ".jsonl" for s in splits)
+        raise ValueError(f"{data} has none of the splits {', '.join(splits)} ({files})")
     return out
 
 

@@ -135,6 +135,6 @@ def test_mlx_filters_equal_mlx_lms():
             assert np.array_equal(np.isneginf(want), np.isneginf(got)) and np.isneginf(got).any(), ours_f.__name__
         x = mx.array(_logits(seed))
         want = make_repetition_penalty(1.3, context_size=5)(HISTORY, mx.array(x))
-        got = mlx_gen.apply_repetition_penalty(x, Sampling(repetition_penalty=1.3, repetition_context=5).history(HISTORY),
-                                               1.3)
+        recent = Sampling(repetition_penalty=1.3, repetition_context=5).history(HISTORY)
+        got = mlx_gen.apply_repetition_penalty(x, recent, 1.3)
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6, atol=1e-6)

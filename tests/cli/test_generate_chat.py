@@ -57,22 +57,22 @@ def _run(args, stdin=None):
 def test_generate_answers_training_prompts_in_the_trained_format(chat_run, backend):
     base, run, _ = chat_run
     assert json.loads((run / "data_format.json").read_text()) == {"formats": {"chat": 3}, "prompt_format": "chat"}
-    res = _run(["generate", "--model", base, "--adapter", run, "--prompt", "What is the capital of France?", "--backend", backend])
+    gen = ["generate", "--model", base, "--adapter", run, "--backend", backend]
+    res = _run(gen + ["--prompt", "What is the capital of France?"])
     assert res.stdout == "Paris is the capital.\n"
     assert f"prompt format: chat, as trained ({run / 'data_format.json'})" in res.stderr
     assert "stop: end of sequence (EOS)" in res.stderr and "peak memory" in res.stderr
     assert "prompt 10 tokens" in res.stderr and "generation 6 tokens" in res.stderr  # 5 answer tokens + EOS
-    res = _run(["generate", "--model", base, "--adapter", run, "--system", "Answer briefly.", "--prompt", "Name a primary color.",
-                "--backend", backend])
+    res = _run(gen + ["--system", "Answer briefly.", "--prompt", "Name a primary color."])
     assert res.stdout == "Blue.\n"
-    res = _run(["generate", "--model", base, "--adapter", run, "--prompt", "What is the capital of France?", "--max-tokens", "2",
-                "--backend", backend])
+    res = _run(gen + ["--prompt", "What is the capital of France?", "--max-tokens", "2"])
     assert "stop: max tokens reached" in res.stderr and "generation 2 tokens" in res.stderr
 
 
 def test_chat_keeps_the_conversation(chat_run):
     base, run, _ = chat_run
-    res = _run(["chat", "--model", base, "--adapter", run, "--backend", "mlx"], stdin="Say hi.\nNow say bye.\n/reset\nSay hi.\n/exit\n")
+    res = _run(["chat", "--model", base, "--adapter", run, "--backend", "mlx"],
+               stdin="Say hi.\nNow say bye.\n/reset\nSay hi.\n/exit\n")
     assert res.stdout.splitlines() == ["Hi there!", "Goodbye!", "Hi there!"]  # the 2nd turn saw the 1st
     assert res.stderr.count("stop: end of sequence (EOS)") == 3 and "[conversation cleared]" in res.stderr
 
@@ -81,13 +81,15 @@ def test_format_overrides_and_runs_without_a_record(chat_run, tmp_path):
     base, run, _ = chat_run
     res = _run(["generate", "--model", base, "--adapter", run, "--raw", "--prompt", "Hello", "--max-tokens", "3"])
     assert "prompt format: raw, asked for" in res.stderr and "prompt 2 tokens" in res.stderr  # <s> Hello
-    bad = CliRunner().invoke(main, ["generate", "--model", str(base), "--adapter", str(run), "--raw", "--system", "x", "--prompt", "y"])
+    bad = CliRunner().invoke(main, ["generate", "--model", str(base), "--adapter", str(run), "--raw", "--system", "x",
+                                    "--prompt", "y"])
     assert bad.exit_code == 2 and "needs the chat format" in bad.output
     old = tmp_path / "old"  # a run from before the format was recorded: raw, and the note says so
     shutil.copytree(run, old, ignore=shutil.ignore_patterns("checkpoints", "data_format.json"))
     res = _run(["generate", "--model", base, "--adapter", old, "--prompt", "Hello", "--max-tokens", "3"])
     assert "no data format recorded by training" in res.stderr
-    res = _run(["generate", "--model", base, "--adapter", old, "--chat", "--prompt", "What is the capital of France?"])
+    res = _run(["generate", "--model", base, "--adapter", old, "--chat", "--prompt",
+                "What is the capital of France?"])
     assert res.stdout == "Paris is the capital.\n"
 
 
