@@ -48,10 +48,11 @@ def main():
       mlx-mistral plan --model mistralai/Mistral-7B-v0.3 --memory 16GB
       mlx-mistral train --config configs/mistral-7b-v0.3-qlora-16gb.yaml --data ./my-data
       mlx-mistral generate --model mistralai/Mistral-7B-v0.3 --adapter runs/my-run --prompt "..."
+      mlx-mistral chat --model mistralai/Mistral-7B-v0.3 --adapter runs/my-run --system "..."
       mlx-mistral export gguf --model mistralai/Mistral-7B-v0.3 --adapter runs/my-run --out my.gguf
     """
 
 
-for _command in (train.train, train.eval_cmd, train.plan, generate.generate, data.data_group,
+for _command in (train.train, train.eval_cmd, train.plan, generate.generate, generate.chat, data.data_group,
                  dashboard.dashboard_cmd, export.export_group, export.convert_group, demo.demo, info.info):
     main.add_command(_command)

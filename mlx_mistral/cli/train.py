@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import click
@@ -84,30 +83,36 @@ def train(config_path, model, data, out, steps, seq_len, batch_size, lora_rank, 
 @click.option("--model", "model_path", required=True, help="Base model directory or Hub id.")
 @click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run directory with adapters.")
 @click.option("--data", required=True, help="Dataset directory or .jsonl file.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
-@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
+@click.option("--split", default="all", show_default=True, type=click.Choice(["all", "train", "valid", "test"]),
+              help="all: every split the dataset has.")
+@click.option("--seq-len", default=None, type=click.IntRange(min=2),
+              help="Tokens per packed row  [default: the run's, else 2048].")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]),
               help="auto: MLX on Apple silicon, torch with CUDA; on other machines see the README.")
 def eval_cmd(model_path, adapter, data, split, seq_len, batch_size, backend):
-    """Loss and perplexity of a model (with an adapter) on a dataset split."""
+    """Loss and perplexity of a model (with an adapter) on each split of a dataset, on the rows and loss masks
+    training used (the run's config.yaml: packing, row length, and for chats the loss on the assistant turns)."""
     from ..backends import load, load_adapters
     from ..core.data import resolve_split
-    from ..recipes.finetune import split_loss
+    from ..recipes.finetune import evaluate
 
     try:
         model, tok = load(model_path, backend=backend or "auto")
         if adapter:
             load_adapters(model, adapter)
-        if split != "train":  # the train split is checked where it is read, with its own message
+        if split not in ("all", "train"):  # the train split is checked where it is read, with its own message
             try:
                 resolve_split(data, split)
             except ValueError:
                 raise click.BadParameter(f"{data} has no {split} split ({split}.jsonl)", param_hint="--split") from None
-        loss, count = split_loss(model, tok, data, split, seq_len, batch_size)
+        splits = ("train", "valid", "test") if split == "all" else (split,)
+        run_dir = adapter or (model_path if (Path(model_path) / "config.yaml").is_file() else None)
+        results = evaluate(model, tok, data, splits, run_dir=run_dir, seq_len=seq_len, batch_size=batch_size)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"{split}: loss {loss:.4f}  ppl {math.exp(min(loss, 700)):.3f}  ({int(count)} loss tokens)")
+    for name, r in results.items():
+        click.echo(f"{name}: loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  ({r['tokens']} loss tokens)")
 
 
 @click.command("plan")

@@ -25,7 +25,7 @@ from pathlib import Path
 #: What a run writes at its top level (anything else is the user's and is never removed).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "adapters.safetensors", "adapter_config.json", "model.safetensors",
              "model.safetensors.index.json", "config.json", "tokenizer.model", "tekken.json", "checkpoints", "base",
-             "report.html", ".lock")
+             "report.html", "data_format.json", ".lock")
 LOCK = ".lock"
 
 

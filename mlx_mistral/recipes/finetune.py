@@ -14,15 +14,18 @@ The run directory is claimed first (core/rundir.py: writable, locked against a s
 when it already holds a run unless `resume` or `overwrite`), before the model loads. `resume` compares the
 asked config with the run's `config.yaml` and refuses any "fixed" key that differs (naming each) before
 anything is written; the model's fingerprint and the adapter shapes are checked against the checkpoint
-when it loads. `config.yaml` is written (with absolute paths) only once the run starts.
+when it loads. `config.yaml` is written (with absolute paths) only once the run starts, with
+`data_format.json` (the train split's record shapes: chat runs answer in the instruct format).
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from .. import backends
+from ..core.generation import write_data_format
 from ..core.loop import Rows, split_rows
 from ..core.rundir import claim
 from ..core.train_config import TrainConfig, config_from_dict, load_config, resume_differences, write_run_config
@@ -57,9 +60,10 @@ def resolve_model(spec: str, run_dir: Path, seed: int = 0, rank0: bool = True, b
     return resolve_path(spec)
 
 
-def load_rows(data: str, tok, cfg: TrainConfig, split: str):
+def load_rows(data: str, tok, cfg: TrainConfig, split: str, formats: dict | None = None):
     """`(Rows, Packed)` of one split of a dataset directory, or (None, None) when the split does not exist
-    (the train split must). A progress bar is drawn while tokenizing on a terminal."""
+    (the train split must). A progress bar is drawn while tokenizing on a terminal. `formats`, when given, is
+    updated with the split's record shapes ({"chat": n, "completion": n, "text": n})."""
     from ..core.data import load_dataset, resolve_split
     from ..core.packing import pack
     from ..ui.progress import bytes_bar
@@ -71,15 +75,21 @@ def load_rows(data: str, tok, cfg: TrainConfig, split: str):
             raise
         return None, None
     with bytes_bar(f"tokenizing {split}") as progress:
-        docs, masks, _ = load_dataset(data, tok, split, progress=progress)
+        docs, masks, stats = load_dataset(data, tok, split, progress=progress)
+    if formats is not None:
+        for k, n in stats["formats"].items():
+            formats[k] = formats.get(k, 0) + n
     packed = pack(docs, cfg.seq_len, masks, overlap=cfg.overlap, mode=cfg.packing)
     return Rows.from_packed(packed), packed
 
 
-def split_loss(model, tok, data: str, split: str = "test", seq_len: int = 2048, batch_size: int = 4):
-    """(mean token loss, loss tokens) of a loaded model (either backend) on one split of a dataset, packed
-    as training packs it (`swa`); ValueError when the dataset has no such split."""
-    rows, _ = load_rows(data, tok, TrainConfig(seq_len=seq_len, packing="swa"), split)
+def split_loss(model, tok, data: str, split: str = "test", seq_len: int = 2048, batch_size: int = 4,
+               cfg: TrainConfig | None = None):
+    """(mean token loss, loss tokens) of a loaded model (either backend) on one split of a dataset, packed and
+    masked as training does with `cfg` (a run's config; default: `swa` packing at `seq_len`); ValueError when
+    the dataset has no such split."""
+    cfg = cfg if cfg is not None else TrainConfig(seq_len=seq_len, packing="swa")
+    rows, _ = load_rows(data, tok, cfg, split)
     if rows is None:
         raise ValueError(f"{data} has no {split} split ({split}.jsonl)")
     model.eval()
@@ -100,6 +110,35 @@ def check_resume(run_dir: Path, cfg: TrainConfig) -> dict:
                          "data order made with the run's values. Drop those flags to continue the run, or start a "
                          "new run (another --out, or --overwrite)")
     return {k: [a, b] for k, (a, b) in free.items()}
+
+
+def evaluate(model, tok, data: str, splits=("train", "valid", "test"), run_dir: str | Path | None = None,
+             seq_len: int | None = None, batch_size: int = 4) -> dict[str, dict]:
+    """{split: {"loss", "ppl", "tokens"}} for each of `splits` the dataset has, on the masks and rows training
+    used: the run's `config.yaml` (packing, seq_len, overlap and what the loss covers) when `run_dir` has one,
+    `seq_len` overriding its row length. Splits the dataset lacks are left out; ValueError if none is there."""
+    import math
+
+    from ..core.data import resolve_split
+
+    saved = Path(run_dir) / "config.yaml" if run_dir is not None else None
+    cfg = load_config(saved) if saved is not None and saved.is_file() else TrainConfig(packing="swa")
+    if seq_len is not None:
+        cfg = replace(cfg, seq_len=seq_len)
+    out = {}
+    for split in splits:
+        try:
+            resolve_split(data, split)
+        except ValueError:
+            continue
+        if Path(data).is_file() and split != splits[0]:
+            break  # a single .jsonl file is one split
+        loss, count = split_loss(model, tok, data, split, batch_size=batch_size, cfg=cfg)
+        out[split] = {"loss": loss, "ppl": math.exp(min(loss, 700)), "tokens": int(count)}
+    if not out:
+        files = ", ".join(s + ".jsonl" for s in splits)
+        raise ValueError(f"{data} has none of the splits {', '.join(splits)} ({files})")
+    return out
 
 
 def finetune(config, *, resume: bool = False, overwrite: bool = False, display: str | None = None,
@@ -137,17 +176,18 @@ def finetune(config, *, resume: bool = False, overwrite: bool = False, display: 
 def _finetune(b, cfg, group, rank0, run_dir, resume, changes, display, callbacks) -> dict:
     model_dir = resolve_model(cfg.model, run_dir, cfg.seed, rank0, lambda: b.barrier(group))
     model, tok = b.load(model_dir, dtype="float32" if cfg.fine_tune == "full" else cfg.dtype)
-    train_rows, packed = load_rows(cfg.data, tok, cfg, "train")
+    formats: dict[str, int] = {}
+    train_rows, packed = load_rows(cfg.data, tok, cfg, "train", formats)
     val_rows, _ = load_rows(cfg.data, tok, cfg, "valid")
     if val_rows is None and cfg.val_fraction > 0:
         train_rows, val_rows = split_rows(packed, cfg.val_fraction, cfg.seed)
     lora_cfg = b.prepare_model(model, cfg, str(model_dir))
     return _train(b, model, cfg, train_rows, val_rows, run_dir, lora_cfg, str(model_dir), group, rank0, resume,
-                  changes, display, callbacks, tok)
+                  changes, display, callbacks, tok, formats)
 
 
 def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_name: str, group, rank0: bool,
-           resume: bool, changes: dict, display: str | None, callbacks, tok) -> dict:
+           resume: bool, changes: dict, display: str | None, callbacks, tok, formats: dict) -> dict:
     """The trainer of backend `b` with the JSONL log (and the display) on rank 0; the "end" event."""
     from ..ui.callbacks import JSONLLogger
 
@@ -157,6 +197,7 @@ def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_n
         def on_start(event):  # the checkpoint (if any) has loaded: nothing refused the run, record its config
             if event["event"] == "start":
                 write_run_config(run_dir, cfg)
+                write_data_format(run_dir, formats)  # how `generate` / `chat` format prompts for this run
                 if lora_cfg is None:  # full fine-tuning: the run directory becomes a loadable model directory
                     shutil.copy(tok.path, run_dir / tok.path.name)
 

@@ -46,6 +46,7 @@ def test_help_imports_neither_torch_nor_mlx(tmp_path):
 def test_info_imports_mlx_but_not_torch(tmp_path):
     got, r = imported_by(tmp_path, "info")
     assert r.returncode == 0 and "BLAS:" in r.stdout, r.stderr
+    assert "Device(" not in r.stdout and ("device cpu (" in r.stdout or "device gpu" in r.stdout), r.stdout
     assert got == ["mlx"]
 
 
