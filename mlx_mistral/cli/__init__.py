@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from . import dashboard, data, demo, export, generate, info, train, upload
+from . import dashboard, data, demo, export, generate, info, report, train, upload
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -31,5 +31,5 @@ def main():
 
 for _command in (train.train, train.eval_cmd, train.plan, generate.generate, data.data_group,
                  dashboard.dashboard_cmd, export.export_group, export.convert_group, demo.demo, info.info,
-                 upload.upload_cmd):
+                 upload.upload_cmd, report.report_cmd):
     main.add_command(_command)

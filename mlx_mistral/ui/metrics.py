@@ -43,6 +43,24 @@ def _restart_step(ev: dict) -> int | None:
     return None
 
 
+def resumes(events: list[dict]) -> list[tuple[int, dict]]:
+    """[(step resumed from, changed settings)] of every resume: a "start" with a start_step, and the
+    "resume" event that may follow it (its "changed" settings) counted once."""
+    out: list[tuple[int, dict]] = []
+    after_start = False
+    for ev in events:
+        step = _restart_step(ev)
+        if step is None or (ev.get("event") == "start" and step == 0):
+            after_start = after_start and ev.get("event") not in ("train", "eval")
+            continue
+        if ev.get("event") == "resume" and after_start and out and out[-1][0] == step:
+            out[-1] = (step, dict(ev.get("changed") or {}))
+        else:
+            out.append((step, dict(ev.get("changed") or {})))
+        after_start = ev.get("event") == "start"
+    return out
+
+
 def series(events: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """{name: [(step, value), ...] sorted by step} of every train / eval metric, one value per step (the
     last logged), points dropped by a resume left out; non-finite values are kept (a NaN stop shows)."""
@@ -76,7 +94,7 @@ def summary(events: list[dict]) -> dict:
     end = next((e for e in reversed(events[i_start + 1:]) if e.get("event") == "end"), None)
     s = series(events)
     out: dict = {"status": end.get("reason", "done") if end else ("running" if starts else "not started"),
-                 "start": last_start, "end": end, "resumes": sum(1 for e in starts if e.get("start_step")),
+                 "start": last_start, "end": end, "resumes": len(resumes(events)),
                  "total_steps": last_start.get("total_steps"),
                  "step": (end or {}).get("step", s["loss"][-1][0] if "loss" in s else 0)}
     if "loss" in s:
