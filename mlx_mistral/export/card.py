@@ -7,7 +7,7 @@ of the run's metrics.jsonl and its config.yaml. Pure text from plain dicts: reci
 
 Kinds: "adapters" (a run directory with LoRA adapters: PEFT files at the root, mlx-lm's under `mlx-lm/`,
 the run's own under `mlx-mistral/`), "model" (safetensors directory transformers and mlx-lm load),
-"mlx-model" (an MLX-quantized directory: mlx-lm and mlx-mistral only), "gguf" (a model GGUF, with its
+"mlx-model" (MLX's layout: quantized, or Mixtral experts stacked; mlx-lm and mlx-mistral only), "gguf" (a model GGUF, with its
 Modelfile when there is one) and "gguf-lora" (an adapter-only GGUF).
 """
 
@@ -73,8 +73,19 @@ def _py_rev(revision: str | None) -> str:
 
 
 def _usage(kind: str, repo: str, revision: str | None, base: str | None, gguf_file: str | None,
-           modelfile: bool) -> list[str]:
+           modelfile: bool, window: int | None = None) -> list[str]:
     """Markdown sections with the commands for this kind of upload."""
+    lines = _commands(kind, repo, revision, base, gguf_file, modelfile)
+    if window and "### llama.cpp" in lines:
+        lines.insert(lines.index("### llama.cpp") + 1,
+                     f"llama.cpp and Ollama do not apply this model's {window}-token sliding window: keep prompt and "
+                     f"answer within {window} tokens (`--ctx-size {window}`, Ollama `PARAMETER num_ctx {window}`) "
+                     "to get the model's outputs.")
+    return lines
+
+
+def _commands(kind: str, repo: str, revision: str | None, base: str | None, gguf_file: str | None,
+              modelfile: bool) -> list[str]:
     local = repo.split("/")[-1]
     base_s = base or "BASE_MODEL"
     p = _q(PROMPT)
@@ -108,8 +119,8 @@ def _usage(kind: str, repo: str, revision: str | None, base: str | None, gguf_fi
                     f"model = AutoModelForCausalLM.from_pretrained({repo!r}{_py_rev(revision)}, dtype=\"auto\")",
                     f"tokenizer = AutoTokenizer.from_pretrained({repo!r}{_py_rev(revision)})", "```"]
         else:
-            out += ["### transformers", "These weights are MLX-quantized: transformers does not load them; upload "
-                    "an `mlx-mistral export hf` directory for transformers."]
+            out += ["### transformers", "These weights are in MLX's layout (quantized, or Mixtral experts stacked): "
+                    "transformers does not load them; upload an `mlx-mistral export hf` directory for transformers."]
         gen = (f"mlx_lm.generate --model {_q(repo)} --prompt {p}" if not revision else
                f"{_download(repo, revision, local)}\nmlx_lm.generate --model {_q(local)} --prompt {p}")
         out += ["### mlx-lm", "```sh", gen, "```",
@@ -172,10 +183,11 @@ def _metrics_table(summary: dict) -> list[str]:
 
 def model_card(kind: str, repo_id: str, *, files: dict[str, int], base_model: str | None = None,
                revision: str | None = None, run: dict | None = None, gguf: dict | None = None,
-               license: str | None = None, notes: list[str] | tuple = ()) -> str:
+               license: str | None = None, notes: list[str] | tuple = (), sliding_window: int | None = None) -> str:
     """README.md text for `repo_id`. `files`: path in repo -> bytes. `run`: {"config": config.yaml dict,
     "summary": ui.metrics.summary(...), "adapter": adapter_config dict or None, "name": run dir name}.
-    `gguf`: {"file": path in repo, "type": GGUF file type, "modelfile": bool}."""
+    `gguf`: {"file": path in repo, "type": GGUF file type, "modelfile": bool}. `sliding_window`: the model's
+    window when known (llama.cpp and Ollama ignore it: the card says so)."""
     from huggingface_hub import ModelCardData
 
     if kind not in KINDS:
@@ -194,7 +206,7 @@ def model_card(kind: str, repo_id: str, *, files: dict[str, int], base_model: st
     data = ModelCardData(base_model=base_hub, library_name=library, tags=tags, license=lic,
                          datasets=datasets or None, pipeline_tag="text-generation")
     what = {"adapters": "LoRA adapters", "model": "A fine-tuned model (safetensors)",
-            "mlx-model": "A fine-tuned model, MLX-quantized", "gguf": f"A GGUF ({(gguf or {}).get('type', '?')})",
+            "mlx-model": "A fine-tuned model in MLX's layout", "gguf": f"A GGUF ({(gguf or {}).get('type', '?')})",
             "gguf-lora": "A LoRA adapter GGUF"}[kind]
     lines = [f"# {repo_id.split('/')[-1]}", "",
              f"{what} for [{base_hub}](https://huggingface.co/{base_hub}), trained with mlx-mistral."
@@ -203,7 +215,8 @@ def model_card(kind: str, repo_id: str, *, files: dict[str, int], base_model: st
              ""]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
     lines += ["## Use it", ""] + _usage(kind, repo_id, revision, base_hub or (str(base) if base else None),
-                                         (gguf or {}).get("file"), bool((gguf or {}).get("modelfile"))) + [""]
+                                         (gguf or {}).get("file"), bool((gguf or {}).get("modelfile")),
+                                         sliding_window) + [""]
     if run:
         s = run.get("summary") or {}
         data_desc = ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets) or \

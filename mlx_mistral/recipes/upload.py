@@ -89,8 +89,8 @@ def inspect_source(path: str | Path) -> dict:
              and p.name not in ("README.md", ".gitattributes")}
     ggufs = [n for n in files if n.endswith(".gguf")]
     if (path / "config.json").is_file() and any(n.endswith(".safetensors") for n in files):
-        quantized = "quantization" in json.loads((path / "config.json").read_text())
-        return {"kind": "mlx-model" if quantized else "model", "files": files, "run": None, "gguf": None}
+        mlx_only = "quantization" in json.loads((path / "config.json").read_text()) or _stacked_experts(path, files)
+        return {"kind": "mlx-model" if mlx_only else "model", "files": files, "run": None, "gguf": None}
     if ggufs:
         infos = {n: _gguf_info(files[n]) for n in ggufs}
         kinds = {i["kind"] for i in infos.values()}
@@ -122,6 +122,39 @@ def run_info(run_dir: Path) -> dict:
     if not info.get("config") and "summary" not in info:
         raise ValueError(f"{run_dir} has neither config.yaml nor {METRICS_FILE}: not a run directory")
     return info
+
+
+def model_window(model: str | Path | None) -> int | None:
+    """The sliding window of a model directory, or of a Hub id whose config ships with us; None if unknown."""
+    from ..core.config import ModelArgs, bundled_config
+    from ..export.card import hub_id
+
+    if not model:
+        return None
+    try:
+        if Path(model).is_dir():
+            args = ModelArgs.from_dir(model)
+        elif hub_id(str(model)):
+            args = bundled_config(str(model).split("/")[-1].lower())
+        else:
+            return None
+    except ValueError:
+        return None
+    w = args.sliding_window
+    return w if w is not None and w < args.max_position_embeddings else None
+
+
+def _stacked_experts(model_dir: Path, files: dict) -> bool:
+    """True when the weights hold MLX's stacked Mixtral experts (`switch_mlp`), which transformers cannot load."""
+    from safetensors import safe_open
+
+    names = [n for n in files if n.endswith(".safetensors")]
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        keys = json.loads(index.read_text()).get("weight_map", {})
+    else:
+        keys = [k for n in names for k in safe_open(str(files[n]), framework="numpy").keys()]
+    return any(".switch_mlp." in k for k in keys)
 
 
 def _link(src: Path, dst: Path):
@@ -160,9 +193,10 @@ def stage(path: str | Path, stage_dir: str | Path, repo_id: str, *, run: str | P
         notes.append(f"{Path(path) / 'README.md'} is replaced by the generated card in the upload (the file itself "
                      "is not changed)")
     files = {p.relative_to(stage_dir).as_posix(): p.stat().st_size for p in sorted(stage_dir.rglob("*")) if p.is_file()}
+    model = Path(path) if src["kind"] in ("model", "mlx-model") else (info or {}).get("base_model") or base_model
     card = model_card(src["kind"], repo_id, files=files, base_model=base_model, revision=revision, run=info,
-                      gguf=src["gguf"], license=license,
-                      notes=[n for n in notes if "README" not in n])
+                      gguf=src["gguf"], license=license, notes=[n for n in notes if "README" not in n],
+                      sliding_window=model_window(model))
     write_text(stage_dir / "README.md", card)
     files["README.md"] = (stage_dir / "README.md").stat().st_size
     return {"kind": src["kind"], "files": files, "card": card, "notes": notes}

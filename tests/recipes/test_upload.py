@@ -239,3 +239,17 @@ def test_upload_errors(tiny_models, tmp_path, fake_hub):
     with pytest.raises(ValueError, match="401 Unauthorized.*hf auth login"):
         upload(run, "me/x")
     assert not fake_hub[0].calls
+
+
+def test_upload_model_directories_by_layout(tiny_models, tmp_path, fake_hub):
+    """An HF-layout tiny model: transformers' commands and the window note; MLX's stacked Mixtral: mlx-lm only."""
+    swa = tiny_models("swa")  # window 32
+    r = upload(swa, "me/tiny-swa", dry_run=True)
+    assert r["kind"] == "model" and "32-token sliding window" in r["card"] and "--ctx-size 32" in r["card"]
+    assert "sliding window" not in upload(tiny_models("full"), "me/tiny-full", dry_run=True)["card"]
+    from mlx_mistral.export.hf import hf_to_mlx
+
+    hf_to_mlx(str(tiny_models("mixtral")), str(tmp_path / "mlx-mixtral"))
+    r = upload(tmp_path / "mlx-mixtral", "me/tiny-mixtral", dry_run=True)
+    assert r["kind"] == "mlx-model" and "transformers does not load them" in r["card"]
+    assert card_of({"README.md": r["card"].encode()}).data.library_name == "mlx" and not fake_hub
