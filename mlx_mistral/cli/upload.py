@@ -33,7 +33,8 @@ def upload_cmd(source, repo, private, revision, commit_message, run_dir, base_mo
       a GGUF file or a folder of GGUFs     with the Modelfile beside it
     The card has the base model, data, final metrics, config and the commands for transformers (+PEFT),
     mlx-lm, llama.cpp and Ollama. Nothing in SOURCE is written: the upload is staged in a temp folder.
-    The repo is created if missing (--private applies then).
+    The repo is created if missing (--private applies then). A run's config.yaml and metrics.jsonl go up
+    as they are, local paths included: look at --dry-run first for a public repo.
     """
     from ..recipes.upload import upload
 

@@ -313,7 +313,7 @@ def import_mlx_lm(src_dir, run_dir, args: ModelArgs | None = None) -> dict:
     if not modules:
         raise ValueError(f"{where} holds no LoRA tensors")
     modules = dict(sorted(modules.items(), key=lambda kv: _split(kv[0])))
-    r0 = Counter(m["rank"] for m in modules.values()).most_common(1)[0][0]
+    r0 = max(m["rank"] for m in modules.values())  # policies lower some ranks (gqa: k/v), never raise them
     alpha0 = next(m["alpha"] for m in modules.values() if m["rank"] == r0)
     return _write_run(run_dir, modules, tensors, args, str(mc.get("model") or ""), r0, alpha0,
                       float(lp.get("dropout", 0.0)), str(src_dir))

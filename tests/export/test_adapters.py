@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import mlx_mistral  # noqa: F401
 import mlx.core as mx
@@ -149,14 +150,20 @@ def mlx_lm_vs_ours(src, run, out, ids):
     return float(np.abs(ours - theirs).max()), float(np.abs(ours).max())
 
 
-@pytest.mark.parametrize("kind, n", [("full", 100), ("swa", 32)])  # mlx-lm drops the window: swa inside it
+@pytest.mark.parametrize("kind, n", [("full", 100), ("swa", 32), ("mixtral", 32)])  # mlx-lm drops the window
 def test_mlx_lm_export_of_gqa_policy_matches_mlx_lm(tiny_models, tmp_path, kind, n):
     src = tiny_models(kind)
+    if kind == "mixtral":  # mlx-lm's Mixtral reads only a top-level rope_theta (default 1e6), which Hub
+        src = tmp_path / "base"  # checkpoints carry and transformers 5 writes under rope_parameters
+        shutil.copytree(tiny_models(kind), src)
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps(dict(cfg, rope_theta=cfg["rope_parameters"]["rope_theta"])))
     run = make_run(src, tmp_path / "run", policy="gqa")  # q/o/MLP rank 8, k/v rank 4 (4 heads, 2 kv heads)
     ranks = {m["rank"] for m in json.loads((run / "adapter_config.json").read_text())["modules"].values()}
     assert ranks == {4, 8}
     r = export_mlx_lm(run, tmp_path / "mlxlm")
     assert (r["rank"], r["padded"], r["scale_folded"], r["zero_modules"]) == (8, 4, 0, 0)  # 2 layers x k, v
+    assert r["num_layers"] == -1
     tok = load(src)[1]
     diff, size = mlx_lm_vs_ours(src, run, tmp_path / "mlxlm", prompt_ids(tok, n))
     assert diff <= 1e-5 and size > 1.0
