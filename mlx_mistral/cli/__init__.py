@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from . import dashboard, data, demo, export, generate, info, train
+from . import dashboard, data, demo, export, generate, info, report, train, upload
 
 
 def os_error_line(e: OSError) -> str:
@@ -54,5 +54,6 @@ def main():
 
 
 for _command in (train.train, train.eval_cmd, train.plan, generate.generate, generate.chat, data.data_group,
-                 dashboard.dashboard_cmd, export.export_group, export.convert_group, demo.demo, info.info):
+                 dashboard.dashboard_cmd, export.export_group, export.convert_group, demo.demo, info.info,
+                 upload.upload_cmd, report.report_cmd):
     main.add_command(_command)

@@ -70,11 +70,23 @@ def export_peft_cmd(adapter, out, base_model):
 @export_group.command("mlx-lm")
 @click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-def export_mlx_lm_cmd(adapter, out):
-    """Adapters in mlx-lm's format (one rank and scale for all modules)."""
+@click.option("--model", "model_path", default=None,
+              help="Base model (directory or repo id): checks the fingerprint and gives the layer count, needed "
+                   "when the adapter does not start at layer 0 and its config does not place it. Default: the "
+                   "run's base model when it is a local directory.")
+def export_mlx_lm_cmd(adapter, out, model_path):
+    """Adapters in mlx-lm's format: `mlx_lm.generate --model BASE --adapter-path OUT`.
+
+    mlx-lm has one rank and one scale for all modules: per-module ranks (rank_policy gqa, rank_pattern) are
+    zero-padded to the largest rank and other scales folded into lora_b, which leaves the function
+    unchanged; `convert mlx-lm-to-mlx` restores the ranks.
+    """
+    from ..core.adapters import read_adapter_config
     from ..export.adapters import export_mlx_lm
 
-    _report(_run(export_mlx_lm, adapter, out))
+    recorded = _run(read_adapter_config, adapter).get("base_model")
+    args = _base_args(model_path, recorded) if model_path or (recorded and Path(recorded).is_dir()) else None
+    _report(_run(export_mlx_lm, adapter, out, args))
 
 
 @export_group.command("gguf")

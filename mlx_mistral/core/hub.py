@@ -18,6 +18,9 @@ def _is_repo_id(s: str) -> bool:
     return not s.startswith((".", "/", "~")) and s.count("/") == 1
 
 
+is_repo_id = _is_repo_id  # "owner/name", not a path: what the model card and upload call a Hub id
+
+
 def resolve_path(path_or_repo: str | Path) -> Path:
     """A local directory as is; otherwise a Hub repo id fetched with `snapshot_download`
     (which honours `HF_HUB_OFFLINE` and the local cache)."""
