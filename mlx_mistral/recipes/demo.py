@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -79,6 +80,18 @@ def _evaluate(base: Path, adapter: Path | None, seq_len: int, unseen: bool = Fal
     return res
 
 
+class _Clock:
+    """Wall and process CPU seconds per stage (CPU time: what a loaded machine inflates least)."""
+
+    def __init__(self):
+        self.stages, self._t = {}, (time.perf_counter(), time.process_time())
+
+    def lap(self, name: str):
+        t = (time.perf_counter(), time.process_time())
+        self.stages[name] = {"wall_s": round(t[0] - self._t[0], 1), "cpu_s": round(t[1] - self._t[1], 1)}
+        self._t = t
+
+
 def _trained(end: dict):
     if end["reason"] != "done":
         raise ValueError(end["message"])
@@ -116,9 +129,10 @@ def prepare_out(out: Path) -> list[str]:
 def run_demo(out: str | Path, display: str | None = "auto", skip_export: bool = False,
              report: Callable[[str, object], None] = lambda kind, payload: None) -> dict[str, Path]:
     """Run the demo into `out`; returns {what: path} of everything it made, results.json among them (the
-    before/after answers and rates). An earlier demo's results in `out` are replaced; a folder holding
+    before/after answers and rates, and the wall and CPU seconds of each stage). An earlier demo's results in `out` are replaced; a folder holding
     anything else is refused (`prepare_out`)."""
     out = Path(out)
+    clock = _Clock()
     removed = prepare_out(out)
     if removed:
         report("note", f"replacing the earlier demo's {', '.join(removed)} in {out}")
@@ -128,19 +142,24 @@ def run_demo(out: str | Path, display: str | None = "auto", skip_export: bool = 
                    f"tokenizer) and pre-training it ({pre.steps} steps) on plain Q/A about the standard library")
     _trained(finetune(pre, display=display))
     base = out / "pretrain"  # full fine-tuning leaves a loadable model directory
+    clock.lap("pretrain")
 
     ft = _config("tiny-demo.yaml", out / "lora", TAGGED, model=str(base))
     report("step", "[2/5] before the fine-tune: the base's greedy answers to held-out questions")
     before = _evaluate(base, None, ft.seq_len)
+    clock.lap("before")
 
     report("step", f"[3/5] GQA-matched LoRA fine-tune ({ft.steps} steps, SWA-aware packed rows): every answer "
                    "should start with the module asked about, \"[json] ...\"")
     _trained(finetune(ft, display=display))
     run = out / "lora"
+    clock.lap("finetune")
 
     report("step", "[4/5] after the fine-tune: the same questions")
     after = _evaluate(base, run, ft.seq_len, unseen=True)
-    result = {"prompts": _questions(TAGGED / "test.jsonl"), "steps": ft.steps, "before": before, "after": after}
+    clock.lap("after")
+    result = {"prompts": _questions(TAGGED / "test.jsonl"), "steps": ft.steps, "before": before, "after": after,
+              "seconds": clock.stages}
     write_json(out / RESULTS, result)
     report("compare", result)
 
@@ -163,4 +182,7 @@ def run_demo(out: str | Path, display: str | None = "auto", skip_export: bool = 
     for w in g["warnings"]:
         report("note", f"  note: {w}")
     made["GGUF LoRA adapter"] = Path(export_gguf_lora(base, run, out / "export" / "tiny-demo-lora.gguf")["out"])
+    clock.lap("export")
+    result["seconds"] = clock.stages
+    write_json(out / RESULTS, result)
     return made

@@ -15,27 +15,34 @@ def _pct(x: float) -> str:
     return f"{x:.0%}"
 
 
+def _para(text: str):
+    """A paragraph indented by two columns, wrapped to the console's width."""
+    from rich.padding import Padding
+    from rich.text import Text
+
+    return Padding(Text(text), (0, 0, 0, 2))
+
+
 def before_after(result: dict, width: int = 100) -> list:
     """The rates table, its legend, the side-by-side answers and the honest limits, as rich renderables."""
     from rich import box
     from rich.markup import escape
     from rich.table import Table
-    from rich.text import Text
 
     b, a = result["before"], result["after"]
     rb, ra = b["rates"], a["rates"]
     prompts = result["prompts"]
-    out = [Text(f"  {len(prompts)} held-out questions (about functions in no training data), greedy answers:")]
+    out = [_para(f"{len(prompts)} held-out questions (about functions in no training data), greedy answers:")]
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for name in ("", "tag format", "right module", "test loss"):
         t.add_column(name, justify="right" if name else "left")
     t.add_row("before (pre-trained base)", _pct(rb["format"]), _pct(rb["module"]), f"{b['loss']:.3f}")
     t.add_row(f"after (+ LoRA, {result['steps']} steps)", _pct(ra["format"]), _pct(ra["module"]), f"{a['loss']:.3f}")
     out.append(t)
-    out.append(Text(
-        "  tag format: the answer starts with [name]; right module: that name is the module the question asks\n"
-        f"  about. Test loss: mean over the {b['loss_tokens']} answer tokens of the test split. An answer that\n"
-        f"  ignores the question (one fixed tag) could be right for at most {_pct(rb['constant_baseline'])}."))
+    out.append(_para(
+        "tag format: the answer starts with [name]; right module (the prompt-dependent rate): that name is the module the question asks "
+        f"about. Test loss: mean over the {b['loss_tokens']} answer tokens of the test split. An answer that "
+        f"ignores the question (one fixed tag) could be right for at most {_pct(rb['constant_baseline'])}."))
 
     s = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     w = max(width - 12, 60)  # question / before / after share the width: one line per question
@@ -48,16 +55,16 @@ def before_after(result: dict, width: int = 100) -> list:
         mark = "[green]✓[/]" if right else ("[yellow]~[/]" if fmt else "[red]✗[/]")
         s.add_row(escape(prompts[i]), escape(b["answers"][i]), escape(a["answers"][i]), mark)  # "[json]" is not markup
     out.append(s)
-    out.append(Text("  ✓ the tag names the module asked about   ~ another module   ✗ no tag"))
+    out.append(_para("✓ the tag names the module asked about   ~ another module   ✗ no tag"))
     u = a.get("unseen")
     if u:
-        out.append(Text(
-            f"  On {u['n']} questions about modules that are in no training data: tag format {_pct(u['format'])}, "
-            f"right module {_pct(u['module'])}:\n  the model tags only with modules it was trained on. The behaviour "
-            "carries over to new questions\n  about trained modules, not to new modules."))
-    out.append(Text(
-        "  What this shows: LoRA taught a 1.8M-parameter random-initialised model, pre-trained for two minutes on\n"
-        "  20k tokens, a new answer form that depends on the question. The text after the tag is mostly wrong or\n"
-        "  memorised: a model this small knows nothing of the standard library. For useful answers fine-tune a\n"
-        "  real model (the README's quick start)."))
+        out.append(_para(
+            f"On {u['n']} questions about modules that are in no training data: tag format {_pct(u['format'])}, "
+            f"right module {_pct(u['module'])}. The model tags only with modules it was trained on: the behaviour "
+            "carries over to new questions about trained modules, not to new modules."))
+    out.append(_para(
+        "What this shows: LoRA taught a 1.8M-parameter random-initialised model, pre-trained for about two minutes "
+        "on 20k tokens, a new answer form that depends on the question. The text after the tag is mostly wrong "
+        "or memorised: a model this small knows nothing of the standard library. For useful answers, fine-tune a "
+        "real model (the README's quick start)."))
     return out
