@@ -28,7 +28,9 @@ def _report(console):
                    "replaced; any other non-empty folder is refused.")
 @click.option("--no-dashboard", is_flag=True, help="Plain log lines instead of the live dashboard.")
 @click.option("--skip-export", is_flag=True, help="Stop after the before/after comparison.")
-def demo(out, no_dashboard, skip_export):
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the random base's weights and of both runs' data order.")
+def demo(out, no_dashboard, skip_export, seed):
     """Run the main job on the embedded default, in about four minutes on 2 CPU cores: build a tiny random
     Mistral and pre-train it on plain Q/A about the Python standard library -> answer held-out questions ->
     GQA-matched LoRA fine-tune (live dashboard) towards answers tagged with the module asked about,
@@ -40,7 +42,7 @@ def demo(out, no_dashboard, skip_export):
 
     t0 = time.time()
     try:
-        made = run_demo(out, display="plain" if no_dashboard else "auto", skip_export=skip_export,
+        made = run_demo(out, display="plain" if no_dashboard else "auto", skip_export=skip_export, seed=seed,
                         report=_report(Console()))
     except ValueError as e:
         raise click.ClickException(str(e)) from None

@@ -126,25 +126,25 @@ def prepare_out(out: Path) -> list[str]:
     return removed
 
 
-def run_demo(out: str | Path, display: str | None = "auto", skip_export: bool = False,
+def run_demo(out: str | Path, display: str | None = "auto", skip_export: bool = False, seed: int = 0,
              report: Callable[[str, object], None] = lambda kind, payload: None) -> dict[str, Path]:
     """Run the demo into `out`; returns {what: path} of everything it made, results.json among them (the
     before/after answers and rates, and the wall and CPU seconds of each stage). An earlier demo's results in `out` are replaced; a folder holding
-    anything else is refused (`prepare_out`)."""
+    anything else is refused (`prepare_out`). `seed`: the random base's weights and both runs' data order."""
     out = Path(out)
     clock = _Clock()
     removed = prepare_out(out)
     if removed:
         report("note", f"replacing the earlier demo's {', '.join(removed)} in {out}")
 
-    pre = _config("tiny-pretrain.yaml", out / "pretrain", PRETRAIN)
+    pre = _config("tiny-pretrain.yaml", out / "pretrain", PRETRAIN, seed=seed)
     report("step", f"[1/5] building a tiny random Mistral (1.8M parameters, a 4096-piece cut of Mistral's v1 "
                    f"tokenizer) and pre-training it ({pre.steps} steps) on plain Q/A about the standard library")
     _trained(finetune(pre, display=display))
     base = out / "pretrain"  # full fine-tuning leaves a loadable model directory
     clock.lap("pretrain")
 
-    ft = _config("tiny-demo.yaml", out / "lora", TAGGED, model=str(base))
+    ft = _config("tiny-demo.yaml", out / "lora", TAGGED, model=str(base), seed=seed)
     report("step", "[2/5] before the fine-tune: the base's greedy answers to held-out questions")
     before = _evaluate(base, None, ft.seq_len)
     clock.lap("before")

@@ -151,7 +151,8 @@ def test_demo_in_a_pty_shows_the_live_panel_learning_and_exports(tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert round(100 * result["after"]["rates"]["module"]) == rows["after"][1]
     assert result["after"]["rates"]["n"] == 108 and result["after"]["unseen"]["n"] == 40
-    assert "right module" in plain and "not to new modules" in plain
+    words = " ".join(plain.split())  # paragraphs wrap at the terminal's width
+    assert "right module (the prompt-dependent rate)" in words and "not to new modules" in words, words[-3000:]
     for f in ("export/hf/config.json", "export/hf/model.safetensors.index.json",
               "export/peft/adapter_model.safetensors", "export/tiny-demo-q8_0.gguf", "export/Modelfile",
               "export/tiny-demo-lora.gguf", "lora/adapters.safetensors", "lora/adapter_config.json",
