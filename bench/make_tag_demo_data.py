@@ -37,6 +37,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_demo_data import stdlib_trees  # noqa: E402  (the same reading of the standard library)
+
 OUT = Path(__file__).resolve().parents[1] / "mlx_mistral" / "data" / "demo_tags"
 TEMPLATES = [
     "What does `{m}.{f}()` do?",
@@ -72,13 +75,7 @@ def stdlib_items():
     files = [(f.stem, f) for f in root.glob("*.py")] + [(d.name, d / "__init__.py") for d in root.iterdir()
                                                           if (d / "__init__.py").exists()]
     out = []
-    for name, f in sorted(files):
-        if name.startswith("_") or name in SKIP or name not in sys.stdlib_module_names:
-            continue
-        try:
-            tree = ast.parse(f.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
+    for name, tree in stdlib_trees(files, SKIP):
         items = [(n.name, s) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
                  and not n.name.startswith("_") and (s := first_sentence(ast.get_docstring(n)))]
         out.append((name, first_sentence(ast.get_docstring(tree)), items))

@@ -129,6 +129,17 @@ def test_before_after_view_shows_both_rates_losses_answers_and_limits():
     assert "right module 0%" in text and "not to new modules" in text
 
 
+def test_tiny_demo_tags_preset_uses_the_cut_tokenizer(tmp_path):
+    from mlx_mistral.core.tiny import build_tiny
+
+    d = build_tiny(tmp_path / "a", "demo-tags")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["vocab_size"] == 4096 and cfg["hidden_size"] == 128 and cfg["sliding_window"] == 64
+    assert (d / "tokenizer.model").read_bytes() == (DEMO_TAGS / "tokenizer.model").read_bytes()
+    full = build_tiny(tmp_path / "b", "demo-tags", tokenizer="tokenizer.model.v1")  # an explicit tokenizer wins
+    assert json.loads((full / "config.json").read_text())["vocab_size"] == 32000
+
+
 # ---- the demo in a pseudo-terminal ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_demo_in_a_pty_shows_the_live_panel_learning_and_exports(tmp_path):
@@ -163,3 +174,4 @@ def test_demo_in_a_pty_shows_the_live_panel_learning_and_exports(tmp_path):
     assert evals[-1] < evals[0]  # the fine-tune lowers the validation loss
     pre = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [e for e in pre if e["event"] == "end"][0]["final_loss"] < 3.0  # from ~8.3 (uniform over 4096)
+
