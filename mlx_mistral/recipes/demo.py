@@ -129,8 +129,9 @@ def prepare_out(out: Path) -> list[str]:
 def run_demo(out: str | Path, display: str | None = "auto", skip_export: bool = False, seed: int = 0,
              report: Callable[[str, object], None] = lambda kind, payload: None) -> dict[str, Path]:
     """Run the demo into `out`; returns {what: path} of everything it made, results.json among them (the
-    before/after answers and rates, and the wall and CPU seconds of each stage). An earlier demo's results in `out` are replaced; a folder holding
-    anything else is refused (`prepare_out`). `seed`: the random base's weights and both runs' data order."""
+    before/after answers and rates, and the wall and CPU seconds of each stage). An earlier demo's results
+    in `out` are replaced; a folder holding anything else is refused (`prepare_out`). `seed`: the random
+    base's weights and both runs' data order."""
     out = Path(out)
     clock = _Clock()
     removed = prepare_out(out)
