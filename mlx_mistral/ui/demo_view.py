@@ -40,8 +40,8 @@ def before_after(result: dict, width: int = 100) -> list:
     t.add_row(f"after (+ LoRA, {result['steps']} steps)", _pct(ra["format"]), _pct(ra["module"]), f"{a['loss']:.3f}")
     out.append(t)
     out.append(_para(
-        "tag format: the answer starts with [name]; right module (the prompt-dependent rate): that name is the module the question asks "
-        f"about. Test loss: mean over the {b['loss_tokens']} answer tokens of the test split. An answer that "
+        "tag format: the answer starts with [name]; right module (the prompt-dependent rate): that name is "
+        f"the module the question asks about. Test loss: mean over the {b['loss_tokens']} answer tokens of the test split. An answer that "
         f"ignores the question (one fixed tag) could be right for at most {_pct(rb['constant_baseline'])}."))
 
     s = Table(box=box.SIMPLE_HEAD, pad_edge=False)

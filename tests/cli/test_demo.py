@@ -19,7 +19,8 @@ from mlx_mistral.recipes.demo_check import check, module_of, rates
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-FILES = [(kind, split) for kind in ("pretrain", "tagged") for split in ("train", "valid", "test")] + [("tagged", "unseen")]
+FILES = [(kind, split) for kind in ("pretrain", "tagged") for split in ("train", "valid", "test")]
+FILES.append(("tagged", "unseen"))
 
 
 def records(kind, split):
@@ -114,8 +115,10 @@ def test_before_after_view_shows_both_rates_losses_answers_and_limits():
     from rich.console import Console
 
     prompts = ["What does `json.dumps()` do?", "What does `re.sub()` do?"]
-    side = lambda answers, checks, loss: {"loss": loss, "loss_tokens": 20, "answers": answers, "checks": checks,  # noqa: E731
-                                          "rates": rates(zip(prompts, answers))}
+    def side(answers, checks, loss):
+        return {"loss": loss, "loss_tokens": 20, "answers": answers, "checks": checks,
+                "rates": rates(zip(prompts, answers))}
+
     result = {"prompts": prompts, "steps": 60, "before": side(["`json.x`: y", "z"], [[False, False]] * 2, 7.5),
               "after": dict(side(["[json] y", "[json] z"], [[True, True], [True, False]], 4.5),
                             unseen={"n": 40, "format": 1.0, "module": 0.0})}
