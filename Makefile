@@ -51,7 +51,7 @@ $(VENV)/.llama: $(VENV)/.test $(LLAMA_WHEELS)/.built
 	  llama-cpp-python==$(LLAMA_VERSION)
 	touch $@
 
-# The main job: tiny Mistral + bundled chat data -> fine-tune under the dashboard -> eval -> generate -> export.
+# The main job: tiny Mistral -> pre-train -> LoRA fine-tune under the dashboard -> before/after on held-out prompts -> export.
 demo: system-deps $(VENV)/.base
 	$(BIN)/mlx-mistral demo --out demo_out
 
