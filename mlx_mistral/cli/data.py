@@ -8,6 +8,7 @@ import click
 import numpy as np
 
 from ..core.data import LOSS_ON, SPLITS
+from ..core.train_config import specs_by_name
 
 
 def _tokenizer(model: str):
@@ -48,7 +49,7 @@ def data_group():
 @click.option("--overlap", default=0, show_default=True, type=click.IntRange(min=0),
               help="Tokens shared by consecutive chunks of documents longer than --seq-len.")
 @click.option("--loss-on", default="default", show_default=True, type=click.Choice(LOSS_ON),
-              help="default: assistant turns / completions / whole texts; last: last assistant turn; all.")
+              help=specs_by_name()["loss_on"]["help"] + " (the config key loss_on; see train --help).")
 @click.option("--skip-invalid", is_flag=True, help="Skip bad lines (and count them) instead of failing.")
 @click.option("--no-cache", is_flag=True, help="Tokenize again instead of using the on-disk cache.")
 def inspect_cmd(data, model, seq_len, split, overlap, loss_on, skip_invalid, no_cache):

@@ -50,8 +50,10 @@ class TrainConfig:
     quantize: int | None = key(None, "Quantize the base at load to 4 or 8 bits (QLoRA)", kind="int",
                                choices=(4, 8), nullable=True)
     quantize_group_size: int = key(64, "Group size of the quantization", kind="int", choices=(32, 64, 128))
-    dtype: str = key("float32", "Base weights' dtype (adapters and optimizer state are fp32 regardless)",
-                     kind="str", choices=("float32", "bfloat16", "float16"))
+    dtype: str = key("auto", "Base weights' dtype (adapters and optimizer state are fp32 regardless). auto: the "
+                             "checkpoint's (config.json torch_dtype / dtype), but float32 where the backend is slow "
+                             "in it (bf16/fp16 on MLX's CPU, fp16 on torch's CPU); the start event says which and why",
+                     kind="str", choices=("auto", "float32", "bfloat16", "float16"))
     # ---- data
     data: str = key("", "Dataset: a directory with train.jsonl (valid.jsonl, test.jsonl optional) or a .jsonl "
                         "file", kind="str")
@@ -60,6 +62,11 @@ class TrainConfig:
                               "and cut; none: one document per row, padded", kind="str",
                        choices=("swa", "naive", "none"))
     overlap: int = key(0, "Tokens shared by consecutive chunks of a document longer than a row", kind="int", min=0)
+    loss_on: str = key("default", "Which tokens the loss covers, per record shape. default: chat -> every "
+                                  "assistant turn (with its EOS), prompt/completion -> the completion (with EOS), "
+                                  "text -> all; last: chat -> the last assistant turn only, prompt/completion -> "
+                                  "the completion, text -> all; all: every token (system and user turns, prompts)",
+                       kind="str", choices=("default", "last", "all"))
     # ---- what to train
     fine_tune: str = key("lora", "lora: train adapters; full: train every parameter", kind="str",
                          choices=("lora", "full"))
@@ -256,6 +263,19 @@ def _range(spec: dict, v: float, bad):
         raise bad()
     if hi is not None and (v > hi or (spec["max_open"] and v == hi)):
         raise bad()
+
+
+def resolve_dtype(requested: str, checkpoint: str | None, slow: tuple[str, ...] = ()) -> tuple[str, str]:
+    """(dtype to load the base in, why) for key `dtype` = `requested`: an explicit dtype as it is; "auto": the
+    checkpoint's storage dtype (`checkpoint`, None when its config names none: float32), or float32 when the
+    backend is slow in that dtype (`slow`, e.g. bf16 on MLX's CPU)."""
+    if requested != "auto":
+        return requested, "as configured (dtype)"
+    if checkpoint is None:
+        return "float32", "auto: the checkpoint's config names no dtype"
+    if checkpoint in slow:
+        return "float32", f"auto: the checkpoint is {checkpoint}, but this backend and device are slow in it"
+    return checkpoint, f"auto: the checkpoint's dtype"
 
 
 def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:

@@ -14,11 +14,13 @@ the file, key or value; the CLI turns them into click errors.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from .. import backends
 from ..core.loop import Rows, split_rows
-from ..core.train_config import TrainConfig, config_from_dict, load_config, write_run_config
+from ..core.train_config import TrainConfig, config_from_dict, load_config, resolve_dtype, write_run_config
+from ..core.weights import storage_dtype
 
 DISPLAYS = (None, "plain", "auto")
 
@@ -64,7 +66,7 @@ def load_rows(data: str, tok, cfg: TrainConfig, split: str):
             raise
         return None, None
     with bytes_bar(f"tokenizing {split}") as progress:
-        docs, masks, _ = load_dataset(data, tok, split, progress=progress)
+        docs, masks, _ = load_dataset(data, tok, split, loss_on=cfg.loss_on, progress=progress)
     packed = pack(docs, cfg.seq_len, masks, overlap=cfg.overlap, mode=cfg.packing)
     return Rows.from_packed(packed), packed
 
@@ -100,7 +102,10 @@ def finetune(config, *, resume: bool = False, display: str | None = None, callba
     rank0 = group is None or group.rank() == 0
     run_dir = Path(cfg.out)
     model_dir = resolve_model(cfg.model, run_dir, cfg.seed, rank0, lambda: b.barrier(group))
-    model, tok = b.load(model_dir, dtype="float32" if cfg.fine_tune == "full" else cfg.dtype)
+    dtype, why = (("float32", "full fine-tuning keeps fp32 master weights") if cfg.fine_tune == "full" else
+                  resolve_dtype(cfg.dtype, storage_dtype(model_dir), b.slow_dtypes()))
+    cfg = replace(cfg, dtype=dtype)  # config.yaml records the dtype used, so --resume loads the same
+    model, tok = b.load(model_dir, dtype=dtype)
     train_rows, packed = load_rows(cfg.data, tok, cfg, "train")
     val_rows, _ = load_rows(cfg.data, tok, cfg, "valid")
     if val_rows is None and cfg.val_fraction > 0:
@@ -111,11 +116,11 @@ def finetune(config, *, resume: bool = False, display: str | None = None, callba
         if lora_cfg is None:  # full fine-tuning: the run directory becomes a loadable model directory
             shutil.copy(tok.path, run_dir / tok.path.name)
     return _train(b, model, cfg, train_rows, val_rows, run_dir, lora_cfg, str(model_dir), group, rank0, resume,
-                  display, callbacks)
+                  display, callbacks, {"dtype": dtype, "dtype_reason": why})
 
 
 def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_name: str, group, rank0: bool,
-           resume: bool, display: str | None, callbacks) -> dict:
+           resume: bool, display: str | None, callbacks, start_info: dict | None = None) -> dict:
     """The trainer of backend `b` with the JSONL log (and the display) on rank 0; the "end" event."""
     from ..ui.callbacks import JSONLLogger
 
@@ -132,6 +137,7 @@ def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_n
     try:
         trainer = b.Trainer(model, cfg, train_rows, val_rows, run_dir, callbacks, lora_config=lora_cfg,
                             model_name=model_name, group=group)
+        trainer.start_info = dict(start_info or {})
         if shown is not None and hasattr(shown, "__enter__"):
             with shown:
                 return trainer.run(resume=resume)
