@@ -58,9 +58,11 @@ def train(config_path, resume, no_dashboard, **flags):
         cfg = load_config(config_path, overrides)
     except ValueError as e:
         _fail(e, "--config")
-    for key in ("model", "data"):
-        if not getattr(cfg, key):
-            raise click.BadParameter(f"no {key}: pass --{key} or set '{key}:' in the config", param_hint=f"--{key}")
+    if not cfg.model:
+        raise click.BadParameter("no model: pass --model or set 'model:' in the config", param_hint="--model")
+    if not (cfg.data or cfg.datasets):
+        raise click.BadParameter("no data: pass --data or set 'data:' (or a 'datasets:' list) in the config",
+                                 param_hint="--data")
     try:
         pick_backend(cfg.backend)
     except ValueError as e:

@@ -55,8 +55,13 @@ class TrainConfig:
                              "in it (bf16/fp16 on MLX's CPU, fp16 on torch's CPU); the start event says which and why",
                      kind="str", choices=("auto", "float32", "bfloat16", "float16"))
     # ---- data
-    data: str = key("", "Dataset: a directory with train.jsonl (valid.jsonl, test.jsonl optional) or a .jsonl "
-                        "file", kind="str")
+    data: str = key("", "Dataset: a directory with train.jsonl (valid.jsonl, test.jsonl optional), a .jsonl or "
+                        ".parquet file, or a Hugging Face Hub dataset id owner/name[@revision] (its JSONL / Parquet "
+                        "files of the train and valid splits)", kind="str")
+    datasets: list = key([], "Several sources mixed, instead of data: a list of entries {path: a local dataset or "
+                             "Hub id, split: train, valid_split: valid (null: none), revision: null, weight: 1.0, "
+                             "format: null (jsonl / parquet)}; weight w uses each document of the source w times "
+                             "per epoch (0.5: a seeded half), deterministic given seed", kind="datasets")
     seq_len: int = key(2048, "Tokens per packed row", kind="int", min=2)
     packing: str = key("swa", "swa: documents isolated (segment ids, positions, window); naive: concatenate "
                               "and cut; none: one document per row, padded", kind="str",
@@ -138,6 +143,9 @@ class TrainConfig:
         if self.fine_tune == "full" and self.quantize:
             raise ValueError(f"{source}: keys 'fine_tune: full' and 'quantize' conflict: full fine-tuning keeps "
                              "fp32 master weights; drop 'quantize' or use 'fine_tune: lora'")
+        if self.data and self.datasets:
+            raise ValueError(f"{source}: keys 'data' and 'datasets' conflict: set one (a single dataset, or a "
+                             "list of sources to mix)")
         if self.num_layers == 0:
             raise ValueError(f"{source}: key 'num_layers' = 0: must be -1 (all layers) or a positive count")
         return self
@@ -152,13 +160,18 @@ class TrainConfig:
         saved run resumes from any working directory (a Hub id or tiny:<preset> stays as it is)."""
         base = Path(base or Path.cwd())
         out = {}
-        for k in ("model", "data", "out"):
-            v = getattr(self, k)
-            if not v or v.startswith("tiny:"):
-                continue
+
+        def absolute(k, v):
             p = Path(v).expanduser()
             if k == "out" or p.exists() or v.startswith((".", "/", "~")) or v.count("/") != 1:
-                out[k] = str((base / p).resolve() if not p.is_absolute() else p)
+                return str((base / p).resolve() if not p.is_absolute() else p)
+            return v
+
+        for k in ("model", "data", "out"):
+            v = getattr(self, k)
+            if v and not v.startswith("tiny:"):
+                out[k] = absolute(k, v)
+        out["datasets"] = [dict(e, path=absolute("data", e["path"])) for e in self.datasets]
         return dataclasses.replace(self, **out)
 
 
@@ -176,7 +189,9 @@ def describe(spec: dict) -> str:
     else:
         what = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
                 "targets": "a list of projection names or all-linear",
-                "pattern": "a mapping {module regex: number}"}[spec["kind"]]
+                "pattern": "a mapping {module regex: number}",
+                "datasets": "a list of dataset paths / Hub ids, or of {path, split, valid_split, revision, weight, "
+                            "format} entries"}[spec["kind"]]
         lo, hi = spec["min"], spec["max"]
         if lo is not None and hi is not None:
             what += f" in {'(' if spec['min_open'] else '['}{lo:g}, {hi:g}{')' if spec['max_open'] else ']'}"
@@ -252,7 +267,46 @@ def coerce(name: str, value: Any, source: str = "config") -> Any:
             if name == "rank_pattern" and not num.is_integer():
                 raise bad(f" (entry {k!r}: a rank is an integer)")
         return out
+    if kind == "datasets":
+        return _sources(value, bad)
     raise AssertionError(f"unknown kind {kind!r}")  # a programming error, not input
+
+
+SOURCE_DEFAULTS = {"path": None, "split": "train", "valid_split": "valid", "revision": None, "weight": 1.0,
+                   "format": None}
+
+
+def _sources(value, bad) -> list[dict]:
+    """The `datasets` list with every entry complete (a bare string is {path: it}), so config.yaml records
+    what was read; ValueError naming the entry and its bad field."""
+    if not isinstance(value, (list, tuple)):
+        raise bad()
+    out = []
+    for i, e in enumerate(value):
+        e = {"path": e} if isinstance(e, str) else e
+        if not isinstance(e, dict):
+            raise bad(f" (entry {i} is {type(e).__name__})")
+        unknown = sorted(set(e) - set(SOURCE_DEFAULTS))
+        if unknown:
+            raise bad(f" (entry {i}: unknown field(s) {', '.join(unknown)}; known: {', '.join(SOURCE_DEFAULTS)})")
+        e = {**SOURCE_DEFAULTS, **e}
+        if not isinstance(e["path"], str) or not e["path"]:
+            raise bad(f" (entry {i} needs 'path': a local dataset or a Hub dataset id)")
+        for k in ("split", "valid_split", "revision"):
+            if e[k] is not None and (not isinstance(e[k], str) or not e[k]):
+                raise bad(f" (entry {i}: {k!r} must be a non-empty string{'' if k == 'split' else ' or null'})")
+        if e["split"] is None:
+            raise bad(f" (entry {i}: 'split' must be a split name such as train)")
+        w = e["weight"]
+        if isinstance(w, str) and _NUMBER.fullmatch(w.strip()):
+            w = float(w)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise bad(f" (entry {i}: 'weight' must be a number > 0)")
+        e["weight"] = float(w)
+        if e["format"] not in (None, "jsonl", "parquet"):
+            raise bad(f" (entry {i}: 'format' must be jsonl, parquet or null)")
+        out.append(e)
+    return out
 
 
 def _range(spec: dict, v: float, bad):

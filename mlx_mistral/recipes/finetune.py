@@ -52,21 +52,21 @@ def resolve_model(spec: str, run_dir: Path, seed: int = 0, rank0: bool = True, b
     return resolve_path(spec)
 
 
-def load_rows(data: str, tok, cfg: TrainConfig, split: str):
-    """`(Rows, Packed)` of one split of a dataset directory, or (None, None) when the split does not exist
-    (the train split must). A progress bar is drawn while tokenizing on a terminal."""
-    from ..core.data import load_dataset, resolve_split
+def load_rows(data, tok, cfg: TrainConfig, split: str, stats: dict | None = None):
+    """`(Rows, Packed)` of one split of `data` (a dataset path / Hub id, or the config's `datasets` list, mixed
+    with their weights: core/mix.py), or (None, None) when the split does not exist (the train split must).
+    A progress bar is drawn while tokenizing on a terminal; `stats`, when given, gets what was read."""
+    from ..core.mix import load_split
     from ..core.packing import pack
     from ..ui.progress import bytes_bar
 
-    try:
-        resolve_split(data, split)
-    except ValueError:
-        if split == "train":
-            raise
-        return None, None
     with bytes_bar(f"tokenizing {split}") as progress:
-        docs, masks, _ = load_dataset(data, tok, split, loss_on=cfg.loss_on, progress=progress)
+        got = load_split(data, tok, split, loss_on=cfg.loss_on, seed=cfg.seed, progress=progress)
+    if got is None:
+        return None, None
+    docs, masks, read = got
+    if stats is not None:
+        stats.update(read)
     packed = pack(docs, cfg.seq_len, masks, overlap=cfg.overlap, mode=cfg.packing)
     return Rows.from_packed(packed), packed
 
@@ -94,9 +94,10 @@ def finetune(config, *, resume: bool = False, display: str | None = None, callba
     if display not in DISPLAYS:
         raise ValueError(f"display must be one of {', '.join(map(repr, DISPLAYS))}, got {display!r}")
     cfg = as_config(config)
-    for key in ("model", "data"):
-        if not getattr(cfg, key):
-            raise ValueError(f"config has no {key!r}: set it to a model directory / dataset")
+    if not cfg.model:
+        raise ValueError("config has no 'model': set it to a model directory, Hub id or tiny:<preset>")
+    if not (cfg.data or cfg.datasets):
+        raise ValueError("config has no 'data' (a dataset path or Hub id) nor 'datasets' (sources to mix)")
     b = backends.get(backends.pick_backend(cfg.backend))
     group = b.init_group()
     rank0 = group is None or group.rank() == 0
@@ -106,8 +107,10 @@ def finetune(config, *, resume: bool = False, display: str | None = None, callba
                   resolve_dtype(cfg.dtype, storage_dtype(model_dir), b.slow_dtypes()))
     cfg = replace(cfg, dtype=dtype)  # config.yaml records the dtype used, so --resume loads the same
     model, tok = b.load(model_dir, dtype=dtype)
-    train_rows, packed = load_rows(cfg.data, tok, cfg, "train")
-    val_rows, _ = load_rows(cfg.data, tok, cfg, "valid")
+    data, read = cfg.datasets or cfg.data, {}
+    train_rows, packed = load_rows(data, tok, cfg, "train", read)
+    # a single file is the train split; its validation rows are held out (val_fraction), not the file again
+    val_rows = None if isinstance(data, str) and Path(data).is_file() else load_rows(data, tok, cfg, "valid")[0]
     if val_rows is None and cfg.val_fraction > 0:
         train_rows, val_rows = split_rows(packed, cfg.val_fraction, cfg.seed)
     lora_cfg = b.prepare_model(model, cfg, str(model_dir))
@@ -116,7 +119,7 @@ def finetune(config, *, resume: bool = False, display: str | None = None, callba
         if lora_cfg is None:  # full fine-tuning: the run directory becomes a loadable model directory
             shutil.copy(tok.path, run_dir / tok.path.name)
     return _train(b, model, cfg, train_rows, val_rows, run_dir, lora_cfg, str(model_dir), group, rank0, resume,
-                  display, callbacks, {"dtype": dtype, "dtype_reason": why})
+                  display, callbacks, {"dtype": dtype, "dtype_reason": why, "data_sources": read["sources"]})
 
 
 def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_name: str, group, rank0: bool,
