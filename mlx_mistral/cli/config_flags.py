@@ -38,6 +38,19 @@ def _default(spec: dict) -> str:
     return "none" if d is None or d == "" else f"{d:g}" if isinstance(d, float) else str(d)
 
 
+def _list_of(choices):
+    """A click callback: "a,b" -> ["a", "b"], each one of `choices` (else a BadParameter naming them)."""
+    def split(ctx, param, value):
+        if value is None:
+            return None
+        items = [x.strip() for x in value.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad:
+            raise click.BadParameter(f"{', '.join(bad)}: choose from {', '.join(choices)} (comma-separated)")
+        return items
+    return split
+
+
 def config_options(names):
     """A decorator adding one option per config key in `names`, in that order."""
     specs = specs_by_name()
@@ -50,7 +63,8 @@ def config_options(names):
             if spec["kind"] == "bool":
                 f = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_)(f)
             elif spec["kind"] == "list":
-                f = click.option(flag, name, default=None, metavar="A,B", help=help_)(f)
+                f = click.option(flag, name, default=None, metavar=",".join(map(str, spec["choices"])), help=help_,
+                                 callback=_list_of(spec["choices"]))(f)
             else:
                 f = click.option(flag, name, type=_type(spec), default=None, help=help_)(f)
         return f
@@ -60,7 +74,7 @@ def config_options(names):
 
 def config_overrides(values: dict) -> dict:
     """The flags' values as config keys (flags not given are left out; choices given as text become the
-    key's type, e.g. `--quantize 4` -> 4; a list flag "a,b" -> ["a", "b"])."""
+    key's type, e.g. `--quantize 4` -> 4)."""
     specs = specs_by_name()
     out = {}
     for name, v in values.items():
@@ -69,7 +83,5 @@ def config_overrides(values: dict) -> dict:
         spec = specs[name]
         if spec["choices"] and spec["kind"] == "int":
             v = int(v)
-        elif spec["kind"] == "list":
-            v = [x.strip() for x in v.split(",") if x.strip()]
         out[name] = v
     return out

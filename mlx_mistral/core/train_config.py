@@ -119,6 +119,12 @@ class TrainConfig:
     keep_checkpoints: int = key(3, "Complete checkpoints kept (the newest verified one is always kept)",
                                 kind="int", min=1, resume="free")
     log_every: int = key(1, "Report training metrics every N steps", kind="int", min=1, resume="free")
+    report_to: list = key([], "Experiment loggers beside the dashboard and metrics.jsonl: wandb (Weights & Biases; "
+                              "the wandb extra; WANDB_MODE=offline works without an account) and/or tensorboard "
+                              "(event files in <out>/tensorboard; the tensorboard extra)", kind="list",
+                          choices=("wandb", "tensorboard"), resume="free")
+    wandb_project: str = key("mlx-mistral", "The Weights & Biases project of report_to: wandb", kind="str",
+                             resume="free")
     out: str = key("runs/latest", "Run directory (adapters, checkpoints, metrics.jsonl, config.yaml)", kind="str",
                    resume="free")
 
@@ -184,7 +190,9 @@ def specs_by_name() -> dict[str, dict]:
 
 def describe(spec: dict) -> str:
     """What a key accepts, in words (for error messages and --help)."""
-    if spec["choices"]:
+    if spec["choices"] and spec["kind"] == "list":
+        what = f"a list of {', '.join(map(str, spec['choices']))}"
+    elif spec["choices"]:
         what = " or ".join(map(str, spec["choices"]))
     else:
         what = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
@@ -269,6 +277,11 @@ def coerce(name: str, value: Any, source: str = "config") -> Any:
         return out
     if kind == "datasets":
         return _sources(value, bad)
+    if kind == "list":  # a list of names from `choices` (a bare string is a list of one)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or any(x not in spec["choices"] for x in items):
+            raise bad()
+        return list(dict.fromkeys(items))
     raise AssertionError(f"unknown kind {kind!r}")  # a programming error, not input
 
 

@@ -98,6 +98,9 @@ def finetune(config, *, resume: bool = False, display: str | None = None, callba
         raise ValueError("config has no 'model': set it to a model directory, Hub id or tiny:<preset>")
     if not (cfg.data or cfg.datasets):
         raise ValueError("config has no 'data' (a dataset path or Hub id) nor 'datasets' (sources to mix)")
+    from ..ui.loggers import check_reporters
+
+    check_reporters(cfg.report_to)  # a missing extra fails now, not after loading the model
     b = backends.get(backends.pick_backend(cfg.backend))
     group = b.init_group()
     rank0 = group is None or group.rank() == 0
@@ -126,12 +129,16 @@ def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_n
            resume: bool, display: str | None, callbacks, start_info: dict | None = None) -> dict:
     """The trainer of backend `b` with the JSONL log (and the display) on rank 0; the "end" event."""
     from ..ui.callbacks import JSONLLogger
+    from ..ui.loggers import make_reporters
 
     callbacks = list(callbacks)
     shown = log = None
+    reporters = []
     if rank0:
         log = JSONLLogger(run_dir / "metrics.jsonl")
         callbacks.insert(0, log)
+        reporters = make_reporters(cfg.report_to, run_dir, cfg.to_dict())  # W&B / TensorBoard (report_to)
+        callbacks += reporters
         if display is not None:
             from ..ui.dashboard import make_callback
 
@@ -148,3 +155,5 @@ def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_n
     finally:
         if log is not None:
             log.close()
+        for r in reporters:
+            r.close()

@@ -41,7 +41,7 @@ def test_every_flag_is_generated_from_the_typed_config():
         p, spec = params[name], specs[name]
         assert p.help.startswith(spec["help"]), name
         assert p.default is None, name  # not given: the config file / the dataclass default decide
-        if spec["choices"]:
+        if spec["choices"] and spec["kind"] != "list":
             assert list(p.type.choices) == [str(c) for c in spec["choices"]], name
     assert params["grad_checkpoint"].opts == ["--grad-checkpoint"] and params["grad_checkpoint"].secondary_opts
     help_text = CliRunner().invoke(main, ["train", "--help"]).output
@@ -63,15 +63,18 @@ def test_flags_override_the_config_file_and_reach_finetune(tmp_path, monkeypatch
     cfg_file.write_text(yaml.safe_dump({"lr": 1.0e-3, "warmup_steps": 9, "model": "m", "data": "d"}))
     r = CliRunner().invoke(main, ["train", "--config", str(cfg_file), "--lr", "2e-4", "--dtype", "bfloat16",
                                   "--loss-on", "last", "--grad-accum", "3", "--save-every", "5", "--eval-every", "0",
-                                  "--quantize", "4", "--grad-checkpoint", "--backend", "mlx"])
+                                  "--quantize", "4", "--grad-checkpoint", "--backend", "mlx",
+                                  "--report-to", "tensorboard,wandb"])
     assert r.exit_code == 0, r.output
     c = seen["cfg"]
     assert (c.lr, c.dtype, c.loss_on, c.grad_accum, c.save_every, c.eval_every) == (2e-4, "bfloat16", "last", 3, 5, 0)
     assert c.quantize == 4 and c.grad_checkpoint is True and c.warmup_steps == 9  # unflagged: from the file
+    assert c.report_to == ["tensorboard", "wandb"]
 
 
 @pytest.mark.parametrize("args, needle", [(["--lr", "-1"], "--lr"), (["--loss-on", "prompt"], "--loss-on"),
-                                          (["--dtype", "fp8"], "--dtype"), (["--grad-accum", "0"], "--grad-accum")])
+                                          (["--dtype", "fp8"], "--dtype"), (["--grad-accum", "0"], "--grad-accum"),
+                                          (["--report-to", "mlflow"], "--report-to")])
 def test_bad_flag_values_name_the_flag(args, needle):
     r = CliRunner().invoke(main, ["train", "--model", "m", "--data", "d", *args])
     assert r.exit_code == 2 and needle in r.output
