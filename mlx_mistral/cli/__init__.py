@@ -14,7 +14,30 @@ from .. import __version__
 from . import dashboard, data, demo, export, generate, info, train
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: what failed and on which path ("No space left on device: runs/x/...")."""
+    what = e.strerror or str(e)
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p)
+    return f"{what}: {paths}" if paths else what
+
+
+class Main(click.Group):
+    """The command group; an OSError (full disk, permissions) or a RuntimeError from a native library that
+    reaches it is one line naming the path instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except OSError as e:
+            raise click.ClickException(os_error_line(e)) from None
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise click.ClickException(f"{type(e).__name__}: {first}") from None
+
+
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mlx-mistral")
 def main():
     """Fine-tune Mistral 7B, Mixtral 8x7B and Mistral-Nemo on a Mac (MLX) or an NVIDIA box (torch).

@@ -147,13 +147,19 @@ def _base_args(model_path, recorded: str | None):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--model", "model_path", default=None,
               help="Base model (directory or repo id) to check shapes against; default: the adapter's base if local.")
-def peft_to_mlx_cmd(src, run_dir, model_path):
+@click.option("--overwrite", is_flag=True, help="Replace a run already in RUN_DIR (its run files are removed).")
+def peft_to_mlx_cmd(src, run_dir, model_path, overwrite):
     """A PEFT LoRA adapter (TRL, Unsloth, ...) to a run directory, to continue training or export."""
     from ..export.adapters import import_peft
 
-    recorded = json.loads((Path(src) / "adapter_config.json").read_text()).get("base_model_name_or_path") \
-        if (Path(src) / "adapter_config.json").exists() else None
-    cfg = _run(import_peft, src, run_dir, _base_args(model_path, recorded))
+    from ..core.io import read_json
+
+    try:
+        recorded = read_json(Path(src) / "adapter_config.json").get("base_model_name_or_path") \
+            if (Path(src) / "adapter_config.json").exists() else None
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    cfg = _run(import_peft, src, run_dir, _base_args(model_path, recorded), overwrite)
     _report({"run_dir": run_dir, "modules": len(cfg["modules"]), "rank_policy": cfg["rank_policy"]})
 
 
@@ -161,10 +167,11 @@ def peft_to_mlx_cmd(src, run_dir, model_path):
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--model", "model_path", default=None, help="Base model to check shapes against.")
-def mlx_lm_to_mlx_cmd(src, run_dir, model_path):
+@click.option("--overwrite", is_flag=True, help="Replace a run already in RUN_DIR (its run files are removed).")
+def mlx_lm_to_mlx_cmd(src, run_dir, model_path, overwrite):
     """An mlx-lm LoRA adapter directory to a run directory."""
     from ..export.adapters import import_mlx_lm
 
-    cfg = _run(import_mlx_lm, src, run_dir, _base_args(model_path, None))
+    cfg = _run(import_mlx_lm, src, run_dir, _base_args(model_path, None), overwrite)
     _report({"run_dir": run_dir, "modules": len(cfg["modules"]), "rank_policy": cfg["rank_policy"]})
 

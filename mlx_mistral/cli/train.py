@@ -24,9 +24,14 @@ TRAIN_FLAGS = ("model", "data", "out", "backend", "dtype", "quantize", "fine_tun
 @click.command("train")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (see configs/).")
 @config_options(TRAIN_FLAGS)
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its latest checkpoint (flags may change steps, logging, "
+                   "evaluation and saving; anything the checkpoint depends on is refused).")
+@click.option("--overwrite", is_flag=True,
+              help="Start over in an --out that holds a run: its run files (checkpoints, adapters, "
+                   "metrics.jsonl, config.yaml) are removed; a folder with other files is never emptied.")
 @click.option("--no-dashboard", is_flag=True, help="Plain log lines instead of the live dashboard.")
-def train(config_path, resume, no_dashboard, **flags):
+def train(config_path, resume, overwrite, no_dashboard, **flags):
     """Fine-tune with LoRA / QLoRA (or fully) on packed rows; writes a run directory.
 
     Settings come from the dataclass defaults, then --config, then these flags (every config key is
@@ -68,14 +73,16 @@ def train(config_path, resume, no_dashboard, **flags):
     except ValueError as e:
         _fail(e, "--backend")
     try:
-        end = finetune(cfg, resume=resume, display="plain" if no_dashboard else "auto")
+        end = finetune(cfg, resume=resume, overwrite=overwrite, display="plain" if no_dashboard else "auto")
     except ValueError as e:
         _fail(e)
-    if end["reason"] == "nan":
+    from ..core.loop import EXIT_CODES
+
+    if end["reason"] in ("nan", "stalled"):
         raise click.ClickException(end["message"])
-    if end["reason"] == "interrupted":
+    if end["reason"] in ("interrupted", "terminated"):
         click.echo(end["message"], err=True)
-        raise SystemExit(130)
+        raise SystemExit(EXIT_CODES[end["reason"]])
 
 
 @click.command("eval")

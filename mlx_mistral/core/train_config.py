@@ -8,8 +8,10 @@ which coerces values the way people write them and rejects the rest with a messa
   booleans are never numbers (`seq_len: true` is an error).
 - Ranges and choices are checked per key, then the combinations (`full` fine-tuning with `quantize`).
 
-`resume` says what `--resume` may change: "free" keys (how long, how often to log/eval/save, which backend
-and whether to compile or checkpoint layers) may differ from the run's saved config and are recorded;
+`resume` says what `--resume` may change: "free" keys (how long, the learning-rate schedule and clipping,
+how often to log/eval/save, which backend and whether to compile or checkpoint layers) may differ from the
+run's saved config and are recorded in metrics.jsonl (a "resume" event; the run is then no longer the
+bit-exact continuation of the old settings, by the user's choice);
 "fixed" keys decide what the checkpoint holds or which rows each step sees, so a difference is refused
 before anything is written; `model` may name another path or id of the same model ("fingerprint": the
 architecture hash of the checkpoint is compared instead).
@@ -93,16 +95,16 @@ class TrainConfig:
     grad_accum: int = key(1, "Micro-steps accumulated per optimizer step", kind="int", min=1)
     # Peak LR 1.4e-4: 30% below the usual Llama-2 LoRA recipe's 2e-4. A published claim for the Mistral
     # family that we adopt as a hypothesis (the thesis experiment tests it), not a measured optimum.
-    lr: float = key(1.4e-4, "Peak learning rate", kind="float", min=0)
-    warmup_steps: int = key(50, "Linear warm-up steps", kind="int", min=0)
+    lr: float = key(1.4e-4, "Peak learning rate", kind="float", min=0, resume="free")
+    warmup_steps: int = key(50, "Linear warm-up steps", kind="int", min=0, resume="free")
     min_lr_ratio: float = key(0.1, "Final learning rate of the cosine schedule, as a fraction of lr", kind="float",
-                              min=0, max=1)
-    weight_decay: float = key(0.01, "AdamW's decoupled weight decay", kind="float", min=0)
+                              min=0, max=1, resume="free")
+    weight_decay: float = key(0.01, "AdamW's decoupled weight decay", kind="float", min=0, resume="free")
     beta1: float = key(0.9, "AdamW beta1", kind="float", min=0, max=1, max_open=True)
     beta2: float = key(0.999, "AdamW beta2", kind="float", min=0, max=1, max_open=True)
     eps: float = key(1e-8, "AdamW epsilon", kind="float", min=0, min_open=True)
     bias_correction: bool = key(True, "AdamW bias correction (PyTorch's and HF's behaviour)", kind="bool")
-    grad_clip: float = key(1.0, "Clip the global gradient norm to this; 0 = off", kind="float", min=0)
+    grad_clip: float = key(1.0, "Clip the global gradient norm to this; 0 = off", kind="float", min=0, resume="free")
     grad_checkpoint: bool = key(False, "Recompute each layer in the backward pass instead of storing its "
                                        "activations", kind="bool", resume="free")
     compile: bool = key(True, "Compile the training step (mx.compile; torch.compile on CUDA)", kind="bool",

@@ -23,7 +23,8 @@ from ..backends.mlx.loader import load_safetensors, save_safetensors
 from ..core.adapters import (ADAPTER_FORMAT, fingerprint, module_shape, pattern_value, policy_rank,
                              read_adapters)
 from ..core.config import ModelArgs
-from ..core.io import write_json
+from ..core.io import read_json, write_json
+from ..core.rundir import claim
 
 _MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)")
 PEFT_PREFIX = "base_model.model."
@@ -102,7 +103,9 @@ def _policy_of(args: ModelArgs | None, modules: dict, rank: int, alpha: float) -
 
 
 def _write_run(run_dir, modules: dict, tensors: dict, args: ModelArgs | None, base_model: str, rank: int,
-               alpha: float, dropout: float, source: str) -> dict:
+               alpha: float, dropout: float, source: str, overwrite: bool = False) -> dict:
+    """An imported adapter as a run directory: refused when `run_dir` already holds a run, unless
+    `overwrite` (which removes that run's files first; see core/rundir.py)."""
     layers = sorted({_split(n)[0] for n in modules})
     n_layers = args.num_hidden_layers if args else None
     num_layers = -1 if n_layers and layers == list(range(n_layers)) else (
@@ -120,20 +123,22 @@ def _write_run(run_dir, modules: dict, tensors: dict, args: ModelArgs | None, ba
            "fine_tune": "lora", "targets": sorted({_split(n)[1] for n in modules}), "num_layers": num_layers,
            "rank_policy": _policy_of(args, modules, rank, alpha), "rank": rank, "alpha": alpha,
            "dropout": dropout, "modules": modules, "imported_from": source}
-    run_dir = Path(run_dir)
-    save_safetensors(run_dir / "adapters.safetensors", tensors, metadata={"format": ADAPTER_FORMAT})
-    write_json(run_dir / "adapter_config.json", cfg)
+    with claim(run_dir, overwrite=overwrite):
+        run_dir = Path(run_dir)
+        save_safetensors(run_dir / "adapters.safetensors", tensors, metadata={"format": ADAPTER_FORMAT})
+        write_json(run_dir / "adapter_config.json", cfg)
     return cfg
 
 
-def import_peft(src_dir, run_dir, args: ModelArgs | None = None) -> dict:
+def import_peft(src_dir, run_dir, args: ModelArgs | None = None, overwrite: bool = False) -> dict:
     """A PEFT LoRA adapter directory (e.g. from TRL or Unsloth) -> our run directory; returns its config.
-    `args` (the base model's) checks shapes and sets the fingerprint."""
+    `args` (the base model's) checks shapes and sets the fingerprint; an existing run in `run_dir` is
+    refused unless `overwrite`."""
     src_dir = Path(src_dir)
     cfg_path = src_dir / "adapter_config.json"
     if not cfg_path.exists():
         raise ValueError(f"{src_dir} has no adapter_config.json: not a PEFT adapter directory")
-    pc = json.loads(cfg_path.read_text())
+    pc = read_json(cfg_path)
     if pc.get("peft_type", "LORA").upper() != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {pc.get('peft_type')!r}; only LORA adapters can be imported")
     for key, bad, why in (("use_dora", True, "DoRA magnitudes are not supported"),
@@ -177,7 +182,7 @@ def import_peft(src_dir, run_dir, args: ModelArgs | None = None) -> dict:
         raise ValueError(f"{path} holds no LoRA tensors")
     base = pc.get("base_model_name_or_path") or ""
     return _write_run(run_dir, modules, tensors, args, base, r0, alpha0, float(pc.get("lora_dropout", 0.0)),
-                      str(src_dir))
+                      str(src_dir), overwrite)
 
 
 # ---- mlx-lm -------------------------------------------------------------------------------------------
@@ -210,13 +215,14 @@ def export_mlx_lm(run_dir, out_dir) -> dict:
     return {"out": str(out_dir), "modules": len(modules), "num_layers": mlx_cfg["num_layers"]}
 
 
-def import_mlx_lm(src_dir, run_dir, args: ModelArgs | None = None) -> dict:
-    """mlx-lm's adapter directory (LoRA, not DoRA) -> our run directory."""
+def import_mlx_lm(src_dir, run_dir, args: ModelArgs | None = None, overwrite: bool = False) -> dict:
+    """mlx-lm's adapter directory (LoRA, not DoRA) -> our run directory (an existing run in `run_dir` is
+    refused unless `overwrite`)."""
     src_dir = Path(src_dir)
     cfg_path = src_dir / "adapter_config.json"
     if not cfg_path.exists():
         raise ValueError(f"{src_dir} has no adapter_config.json: not an mlx-lm adapter directory")
-    mc = json.loads(cfg_path.read_text())
+    mc = read_json(cfg_path)
     kind = mc.get("fine_tune_type", "lora")
     if kind != "lora":
         raise ValueError(f"{cfg_path}: fine_tune_type {kind!r}; only 'lora' adapters can be imported")
@@ -243,4 +249,4 @@ def import_mlx_lm(src_dir, run_dir, args: ModelArgs | None = None) -> dict:
     modules = dict(sorted(modules.items(), key=lambda kv: _split(kv[0])))
     r0 = next(iter(modules.values()))["rank"]
     return _write_run(run_dir, modules, tensors, args, str(mc.get("model") or ""), r0, scale * r0,
-                      float(lp.get("dropout", 0.0)), str(src_dir))
+                      float(lp.get("dropout", 0.0)), str(src_dir), overwrite)

@@ -60,12 +60,42 @@ def _trained(end: dict):
         raise ValueError(end["message"])
 
 
+#: The file that marks a folder as the demo's own, and what the demo writes into it.
+MARKER = ".mlx-mistral-demo"
+MADE = ("pretrain", "lora", "export")
+
+
+def prepare_out(out: Path) -> list[str]:
+    """Make `out` ready for a demo run: a new or empty folder is used; a folder an earlier demo made (its
+    marker file) has the demo's own entries replaced; any other non-empty folder is refused, so the demo
+    never deletes what it did not make. Returns the entries it removed."""
+    from ..core.rundir import check_writable
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; the demo needs a folder")
+    present = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if present and MARKER not in present and not set(present) <= set(MADE):  # (earlier demos left no marker)
+        raise ValueError(f"--out {out} is not empty and was not made by the demo ({', '.join(present[:5])}"
+                         f"{', ...' if len(present) > 5 else ''}); the demo never deletes files it did not make: "
+                         "choose another --out, or an empty folder")
+    check_writable(out)
+    removed = [name for name in MADE if name in present]
+    for name in removed:
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (out / MARKER).write_text("made by `mlx-mistral demo`; a later demo run replaces pretrain/, lora/ and "
+                              "export/ here and nothing else\n")
+    return removed
+
+
 def run_demo(out: str | Path, display: str | None = "auto", skip_export: bool = False,
              report: Callable[[str, str], None] = lambda kind, text: None) -> dict[str, Path]:
-    """Run the demo into `out` (replaced if it exists); returns {what: path} of everything it made."""
+    """Run the demo into `out`; returns {what: path} of everything it made. An earlier demo's results in
+    `out` are replaced; a folder holding anything else is refused (`prepare_out`)."""
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+    removed = prepare_out(out)
+    if removed:
+        report("note", f"replacing the earlier demo's {', '.join(removed)} in {out}")
 
     report("step", "[1/5] building a tiny random Mistral (9M parameters, window 64) and pre-training it briefly")
     _trained(finetune(_config("tiny-pretrain.yaml", out / "pretrain"), display=display))

@@ -6,9 +6,15 @@
 
 The steps: choose the backend (`backends.pick_backend`), resolve the model (a directory, a Hub id, or
 `tiny:<preset>` built into `<out>/base`), load it, pack the data's train split (and valid split, or hold
-out `val_fraction` of the rows), add adapters (or unfreeze for full fine-tuning), write `config.yaml`,
-then train with the JSONL log (and a display when asked) as callbacks. Errors are `ValueError`s naming
-the file, key or value; the CLI turns them into click errors.
+out `val_fraction` of the rows), add adapters (or unfreeze for full fine-tuning), then train with the
+JSONL log (and a display when asked) as callbacks. Errors are `ValueError`s naming the file, key or value;
+the CLI turns them into click errors.
+
+The run directory is claimed first (core/rundir.py: writable, locked against a second process, refused
+when it already holds a run unless `resume` or `overwrite`), before the model loads. `resume` compares the
+asked config with the run's `config.yaml` and refuses any "fixed" key that differs (naming each) before
+anything is written; the model's fingerprint and the adapter shapes are checked against the checkpoint
+when it loads. `config.yaml` is written (with absolute paths) only once the run starts.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from pathlib import Path
 
 from .. import backends
 from ..core.loop import Rows, split_rows
-from ..core.train_config import TrainConfig, config_from_dict, load_config, resolve_dtype, write_run_config
+from ..core.rundir import claim
+from ..core.train_config import (TrainConfig, config_from_dict, load_config, resolve_dtype, resume_differences,
+                                 write_run_config)
 from ..core.weights import storage_dtype
 
 DISPLAYS = (None, "plain", "auto")
@@ -81,19 +89,38 @@ def split_loss(model, tok, data: str, split: str = "test", seq_len: int = 2048, 
     return backends.dataset_loss(model, rows, batch_size)
 
 
-def finetune(config, *, resume: bool = False, display: str | None = None, callbacks=()) -> dict:
+def check_resume(run_dir: Path, cfg: TrainConfig) -> dict:
+    """{free key: [saved, asked]} that `--resume` changes; ValueError naming every key it cannot change."""
+    saved_path = run_dir / "config.yaml"
+    try:
+        saved = load_config(saved_path)
+    except ValueError as e:
+        raise ValueError(f"--resume: the run's {saved_path} cannot be used: {e}") from None
+    fixed, free = resume_differences(saved, cfg)
+    if fixed:
+        lines = "; ".join(f"{k}: {a!r} in the run, {b!r} asked" for k, (a, b) in fixed.items())
+        raise ValueError(f"--resume cannot change {', '.join(fixed)} ({lines}): the checkpoint holds tensors or a "
+                         "data order made with the run's values. Drop those flags to continue the run, or start a "
+                         "new run (another --out, or --overwrite)")
+    return {k: [a, b] for k, (a, b) in free.items()}
+
+
+def finetune(config, *, resume: bool = False, overwrite: bool = False, display: str | None = None,
+             callbacks=()) -> dict:
     """Train as `mlx-mistral train` does and return the trainer's final "end" event (`reason` "done",
     "interrupted" or "nan", `final_loss`, `best_val_loss`, `run_dir`, `message`, ...).
 
     `config`: a TrainConfig, a dict of config keys, or a YAML path (it needs `model` and `data`).
-    `resume`: continue `config.out` from its latest checkpoint. `display`: None (nothing printed; the run
+    `resume`: continue `config.out` from its latest checkpoint (keys it cannot change are refused).
+    `overwrite`: start over in a `config.out` that holds a run (its run files are removed; a folder with
+    other files is never emptied). `display`: None (nothing printed; the run
     still writes `metrics.jsonl`), "plain" (one line per report) or "auto" (the live dashboard on a
     terminal, plain lines elsewhere). `callbacks`: more callables that receive every event dict.
     Raises ValueError for a bad config, model, dataset or checkpoint.
     """
     if display not in DISPLAYS:
         raise ValueError(f"display must be one of {', '.join(map(repr, DISPLAYS))}, got {display!r}")
-    cfg = as_config(config)
+    cfg = as_config(config).with_absolute_paths()
     if not cfg.model:
         raise ValueError("config has no 'model': set it to a model directory, Hub id or tiny:<preset>")
     if not (cfg.data or cfg.datasets):
@@ -101,14 +128,30 @@ def finetune(config, *, resume: bool = False, display: str | None = None, callba
     from ..ui.loggers import check_reporters
 
     check_reporters(cfg.report_to)  # a missing extra fails now, not after loading the model
+    if resume and cfg.dtype == "auto":  # auto continues in the dtype the run started in (its config.yaml)
+        try:
+            cfg = replace(cfg, dtype=load_config(Path(cfg.out) / "config.yaml").dtype)
+        except ValueError:
+            pass  # check_resume says what is wrong with the run's config.yaml
     b = backends.get(backends.pick_backend(cfg.backend))
     group = b.init_group()
     rank0 = group is None or group.rank() == 0
     run_dir = Path(cfg.out)
+    lock = claim(run_dir, resume=resume, overwrite=overwrite) if rank0 else None
+    try:
+        changes = check_resume(run_dir, cfg) if resume else {}
+        return _finetune(b, cfg, group, rank0, run_dir, resume, changes, display, callbacks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _finetune(b, cfg, group, rank0, run_dir, resume, changes, display, callbacks) -> dict:
     model_dir = resolve_model(cfg.model, run_dir, cfg.seed, rank0, lambda: b.barrier(group))
     dtype, why = (("float32", "full fine-tuning keeps fp32 master weights") if cfg.fine_tune == "full" else
                   resolve_dtype(cfg.dtype, storage_dtype(model_dir), b.slow_dtypes()))
-    cfg = replace(cfg, dtype=dtype)  # config.yaml records the dtype used, so --resume loads the same
+    if cfg.fine_tune != "full":
+        cfg = replace(cfg, dtype=dtype)  # config.yaml records the dtype used, so --resume loads the same
     model, tok = b.load(model_dir, dtype=dtype)
     data, read = cfg.datasets or cfg.data, {}
     train_rows, packed = load_rows(data, tok, cfg, "train", read)
@@ -117,16 +160,13 @@ def finetune(config, *, resume: bool = False, display: str | None = None, callba
     if val_rows is None and cfg.val_fraction > 0:
         train_rows, val_rows = split_rows(packed, cfg.val_fraction, cfg.seed)
     lora_cfg = b.prepare_model(model, cfg, str(model_dir))
-    if rank0:
-        write_run_config(run_dir, cfg)
-        if lora_cfg is None:  # full fine-tuning: the run directory becomes a loadable model directory
-            shutil.copy(tok.path, run_dir / tok.path.name)
     return _train(b, model, cfg, train_rows, val_rows, run_dir, lora_cfg, str(model_dir), group, rank0, resume,
-                  display, callbacks, {"dtype": dtype, "dtype_reason": why, "data_sources": read["sources"]})
+                  changes, display, callbacks, tok,
+                  {"dtype": dtype, "dtype_reason": why, "data_sources": read["sources"]})
 
 
 def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_name: str, group, rank0: bool,
-           resume: bool, display: str | None, callbacks, start_info: dict | None = None) -> dict:
+           resume: bool, changes: dict, display: str | None, callbacks, tok, start_info: dict | None = None) -> dict:
     """The trainer of backend `b` with the JSONL log (and the display) on rank 0; the "end" event."""
     from ..ui.callbacks import JSONLLogger
     from ..ui.loggers import make_reporters
@@ -135,8 +175,14 @@ def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_n
     shown = log = None
     reporters = []
     if rank0:
+        def on_start(event):  # the checkpoint (if any) has loaded: nothing refused the run, record its config
+            if event["event"] == "start":
+                write_run_config(run_dir, cfg)
+                if lora_cfg is None:  # full fine-tuning: the run directory becomes a loadable model directory
+                    shutil.copy(tok.path, run_dir / tok.path.name)
+
         log = JSONLLogger(run_dir / "metrics.jsonl")
-        callbacks.insert(0, log)
+        callbacks[:0] = [on_start, log]
         reporters = make_reporters(cfg.report_to, run_dir, cfg.to_dict())  # W&B / TensorBoard (report_to)
         callbacks += reporters
         if display is not None:
@@ -147,6 +193,7 @@ def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_n
     try:
         trainer = b.Trainer(model, cfg, train_rows, val_rows, run_dir, callbacks, lora_config=lora_cfg,
                             model_name=model_name, group=group)
+        trainer.resume_changes = changes
         trainer.start_info = dict(start_info or {})
         if shown is not None and hasattr(shown, "__enter__"):
             with shown:

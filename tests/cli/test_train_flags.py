@@ -54,7 +54,7 @@ def test_every_flag_is_generated_from_the_typed_config():
 def test_flags_override_the_config_file_and_reach_finetune(tmp_path, monkeypatch):
     seen = {}
 
-    def fake_finetune(cfg, resume=False, display=None):
+    def fake_finetune(cfg, **kw):
         seen["cfg"] = cfg
         return {"reason": "done"}
 
