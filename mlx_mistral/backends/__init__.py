@@ -16,6 +16,7 @@ no other branch on the backend:
                                repetition_context=, seed=, prefill_chunk=, stop_ids=, stats=)
     dataset_loss(model, rows, batch_size) -> (mean token loss, loss tokens)
     load_adapters(model, run_dir) -> adapter_config
+    slow_dtypes() -> dtypes much slower than float32 on the default device (dtype "auto" avoids them)
     init_group() / barrier(group)   (data parallelism: mx.distributed on MLX; torchrun joins in the torch Trainer)
 
 `mlx_mistral.backends.mlx` never imports torch and `mlx_mistral.backends.torch` never imports MLX.

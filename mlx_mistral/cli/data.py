@@ -8,6 +8,7 @@ import click
 import numpy as np
 
 from ..core.data import LOSS_ON, SPLITS
+from ..core.train_config import specs_by_name
 
 
 def _tokenizer(model: str):
@@ -37,22 +38,27 @@ def data_group():
 
 
 @data_group.command("inspect")
-@click.argument("data", type=click.Path(exists=True))
+@click.argument("data")
 @click.option("--model", required=True,
               help="Model directory, tokenizer file (tokenizer.model / tekken.json) or Hub repo id; "
                    "only its tokenizer is read.")
 @click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2),
               help="Row length of the packed training batches.")
-@click.option("--split", default="train", show_default=True, type=click.Choice(SPLITS),
-              help="Which file of a dataset directory.")
+@click.option("--split", default="train", show_default=True,
+              help=f"Which split: {', '.join(SPLITS)} (the file of a dataset directory); a Hub dataset may name "
+                   "others in its file names (e.g. train_sft).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]),
+              help="Read only this format of a Hub dataset's files.")
 @click.option("--overlap", default=0, show_default=True, type=click.IntRange(min=0),
               help="Tokens shared by consecutive chunks of documents longer than --seq-len.")
 @click.option("--loss-on", default="default", show_default=True, type=click.Choice(LOSS_ON),
-              help="default: assistant turns / completions / whole texts; last: last assistant turn; all.")
+              help=specs_by_name()["loss_on"]["help"] + " (the config key loss_on; see train --help).")
 @click.option("--skip-invalid", is_flag=True, help="Skip bad lines (and count them) instead of failing.")
 @click.option("--no-cache", is_flag=True, help="Tokenize again instead of using the on-disk cache.")
-def inspect_cmd(data, model, seq_len, split, overlap, loss_on, skip_invalid, no_cache):
-    """Documents, tokens, length histogram and packing efficiency of DATA (a .jsonl file or directory)."""
+def inspect_cmd(data, model, seq_len, split, fmt, overlap, loss_on, skip_invalid, no_cache):
+    """Documents, tokens, length histogram and packing efficiency of DATA: a .jsonl or .parquet file, a
+    dataset directory, or a Hugging Face Hub dataset id owner/name[@revision] (its JSONL / Parquet files of
+    the split, fetched with huggingface_hub; HF_HUB_OFFLINE=1 reads the local cache only)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -68,16 +74,20 @@ def inspect_cmd(data, model, seq_len, split, overlap, loss_on, skip_invalid, no_
     with bytes_bar(console=console) as progress:
         try:
             docs, masks, stats = load_dataset(data, tok, split, loss_on=loss_on, skip_invalid=skip_invalid,
-                                              cache=not no_cache, progress=progress)
+                                              cache=not no_cache, progress=progress, fmt=fmt)
         except ValueError as e:
             raise click.ClickException(str(e)) from None
 
     lengths = np.array([len(d) for d in docs])
     try:
-        fmt = f"{chat.chat_version(tok)} chat format"
+        chat_fmt = f"{chat.chat_version(tok)} chat format"
     except ValueError:
-        fmt = "no supported chat format"
-    console.print(f"[bold]{stats['file']}[/] with {tok.path.name} ({fmt})"
+        chat_fmt = "no supported chat format"
+    files = stats.get("files", [stats["file"]])
+    source = (f"Hub dataset {stats['dataset']}, commit {stats['revision']}: "
+              f"{', '.join(f.split(stats['revision'] + '/', 1)[-1] for f in files)}"
+              if stats.get("dataset") else stats["file"])
+    console.print(f"[bold]{source}[/] with {tok.path.name} ({chat_fmt})"
                   + (" [dim](cached)[/]" if stats["cached"] else ""))
     summary = Table(show_header=False, box=None)
     formats = ", ".join(f"{k}: {v:,}" for k, v in stats["formats"].items())

@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
+
+from .config_flags import config_options, config_overrides
 
 
 def _fail(e: Exception, hint: str | None = None):
     raise click.BadParameter(str(e), param_hint=hint) if hint else click.ClickException(str(e))
 
 
+# Config keys that `train` takes as flags (help, type and range come from core/train_config.py).
+TRAIN_FLAGS = ("model", "data", "out", "backend", "dtype", "quantize", "fine_tune", "seq_len", "packing", "loss_on",
+               "lora_rank", "lora_alpha", "rank_policy", "steps", "batch_size", "grad_accum", "lr", "warmup_steps",
+               "grad_checkpoint", "seed", "eval_every", "save_every", "log_every", "report_to")
+
+
 @click.command("train")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (see configs/).")
-@click.option("--model", help="Model directory, Hub id, or tiny:<preset> for a random model built on the fly.")
-@click.option("--data", help="Dataset: a directory with train.jsonl (valid.jsonl optional) or a .jsonl file.")
-@click.option("--out", help="Run directory (adapters, checkpoints, metrics.jsonl).")
-@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps.")
-@click.option("--seq-len", type=click.IntRange(min=2), help="Tokens per packed row.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Rows per micro-step (per process).")
-@click.option("--lora-rank", type=click.IntRange(min=1), help="LoRA rank r.")
-@click.option("--rank-policy", type=click.Choice(["uniform", "gqa"]),
-              help="uniform: rank r everywhere; gqa: k/v get r * n_kv_heads / n_heads (alpha/r kept).")
-@click.option("--packing", type=click.Choice(["swa", "naive", "none"]), help="How documents fill rows.")
-@click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize the base at load (QLoRA).")
-@click.option("--fine-tune", type=click.Choice(["lora", "full"]), help="Train adapters or every parameter.")
-@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]),
-              help="auto: MLX on Apple silicon, torch with CUDA; on other machines see the README.")
+@config_options(TRAIN_FLAGS)
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its latest checkpoint (flags may change steps, logging, "
                    "evaluation and saving; anything the checkpoint depends on is refused).")
@@ -34,20 +30,27 @@ def _fail(e: Exception, hint: str | None = None):
               help="Start over in an --out that holds a run: its run files (checkpoints, adapters, "
                    "metrics.jsonl, config.yaml) are removed; a folder with other files is never emptied.")
 @click.option("--no-dashboard", is_flag=True, help="Plain log lines instead of the live dashboard.")
-def train(config_path, model, data, out, steps, seq_len, batch_size, lora_rank, rank_policy, packing, quantize,
-          fine_tune, backend, resume, overwrite, no_dashboard):
+def train(config_path, resume, overwrite, no_dashboard, **flags):
     """Fine-tune with LoRA / QLoRA (or fully) on packed rows; writes a run directory.
 
-    Settings come from the dataclass defaults, then --config, then these flags. With --resume the run's
-    own config.yaml is the base instead (flags still override) and training continues exactly.
+    Settings come from the dataclass defaults, then --config, then these flags (every config key is
+    listed in the README; the ones without a flag go in the YAML). With --resume the run's own
+    config.yaml is the base instead (flags still override) and training continues exactly.
+
+    \b
+    --loss-on, per record shape of the data:
+      value     chat {"messages"}          prompt/completion    text
+      default   every assistant turn       the completion       all
+      last      the last assistant turn    the completion       all
+      all       every token                every token          all
+    (an assistant turn's loss includes its EOS, so the model learns to stop)
     """
     from ..backends import pick_backend
     from ..core.train_config import load_config
     from ..recipes.finetune import finetune
 
-    overrides = {"model": model, "data": data, "out": out, "steps": steps, "seq_len": seq_len,
-                 "batch_size": batch_size, "lora_rank": lora_rank, "rank_policy": rank_policy, "packing": packing,
-                 "quantize": int(quantize) if quantize else None, "fine_tune": fine_tune, "backend": backend}
+    overrides = config_overrides(flags)
+    out = overrides.get("out")
     if resume:
         if not out:
             raise click.BadParameter("--resume needs --out RUN_DIR (the run to continue)", param_hint="--out")
@@ -59,9 +62,11 @@ def train(config_path, model, data, out, steps, seq_len, batch_size, lora_rank, 
         cfg = load_config(config_path, overrides)
     except ValueError as e:
         _fail(e, "--config")
-    for key in ("model", "data"):
-        if not getattr(cfg, key):
-            raise click.BadParameter(f"no {key}: pass --{key} or set '{key}:' in the config", param_hint=f"--{key}")
+    if not cfg.model:
+        raise click.BadParameter("no model: pass --model or set 'model:' in the config", param_hint="--model")
+    if not (cfg.data or cfg.datasets):
+        raise click.BadParameter("no data: pass --data or set 'data:' (or a 'datasets:' list) in the config",
+                                 param_hint="--data")
     try:
         pick_backend(cfg.backend)
     except ValueError as e:
@@ -123,9 +128,10 @@ def eval_cmd(model_path, adapter, data, split, seq_len, batch_size, backend):
 def plan(model_spec, config_path, budget):
     """Predict peak training memory and propose the largest setting that fits the budget."""
     from ..core.adapters import count_params, plan_for_config
-    from ..core.config import ModelArgs, bundled_config
+    from ..core.config import BUNDLED, ModelArgs, bundled_config
+    from ..core.weights import storage_dtype
     from ..core.memory import estimate, parse_size, propose
-    from ..core.train_config import load_config
+    from ..core.train_config import load_config, resolve_dtype
 
     try:
         cfg = load_config(config_path)
@@ -135,10 +141,13 @@ def plan(model_spec, config_path, budget):
             args = ModelArgs.from_dir(p)
         elif "/" not in model_spec:
             args = bundled_config(model_spec)
+            p = BUNDLED / f"{model_spec}.json"
         else:
             from ..core.hub import resolve_path
 
-            args = ModelArgs.from_dir(resolve_path(model_spec))
+            p = resolve_path(model_spec)
+            args = ModelArgs.from_dir(p)
+        cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, storage_dtype(p))[0])  # dtype auto: the checkpoint's
         n = 0 if cfg.fine_tune == "full" else count_params(plan_for_config(args, cfg))
         bits = cfg.quantize or (args.quantization or {}).get("bits")
         kw = dict(fine_tune=cfg.fine_tune, trainable_params=n, bits=bits, group_size=cfg.quantize_group_size,

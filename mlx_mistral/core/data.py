@@ -6,7 +6,10 @@ One JSON object per line, in any of three shapes (a file may mix them):
   (or on everything with `loss_on="all"`).
 - `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`: the tokenizer's Mistral
   instruct format (see chat.py), loss on the assistant turns and their EOS by default.
-A dataset is a file or a directory holding `train.jsonl`, `valid.jsonl` and optionally `test.jsonl`.
+A dataset is a file or a directory holding `train.jsonl`, `valid.jsonl` and optionally `test.jsonl`, or a
+Hugging Face Hub dataset id `owner/name[@revision]` whose split's JSONL or Parquet files are fetched with
+`huggingface_hub` (see core/hub.py for how files are matched to splits; Parquet needs `pyarrow`, the
+`parquet` extra). Parquet rows are records with the same keys as the JSONL objects.
 A bad line is a `ValueError` naming the file, the line and what was expected, unless `skip_invalid`.
 
 Tokenized datasets are cached under `$MLX_MISTRAL_CACHE` (default `~/.cache/mlx-mistral/`), keyed by
@@ -25,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from . import chat
+from .hub import SPLIT_ALIASES, dataset_snapshot, dataset_split_files, is_dataset_id
 from .io import atomic_path, write_json
 from .tokenizer import Tokenizer
 
@@ -37,16 +41,23 @@ CACHE_VERSION = 1
 _SHAPES = '{"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]}'
 
 
+class MissingSplit(ValueError):
+    """A dataset that exists but has no file for the split asked."""
+
+
 def cache_root() -> Path:
     """Where tokenized datasets are cached: `$MLX_MISTRAL_CACHE` or `~/.cache/mlx-mistral`."""
     return Path(os.environ.get("MLX_MISTRAL_CACHE") or Path.home() / ".cache" / "mlx-mistral")
 
 
 def resolve_split(path: str | Path, split: str = "train") -> Path:
-    """The JSONL file of `split`: `path` itself if it is a file, else `path/{split}.jsonl`."""
+    """The JSONL file of `split`: `path` itself if it is a file, else `path/{split}.jsonl` (for a Hub dataset
+    id: the split's first data file; `split_files` gives them all). ValueError when there is none."""
     p = Path(path)
     if p.is_file():
         return p
+    if is_dataset_id(path):
+        return split_files(path, split)[0]
     if not p.exists():
         raise ValueError(f"dataset {p} does not exist (expected a .jsonl file or a directory with "
                          f"{', '.join(s + '.jsonl' for s in SPLITS)})")
@@ -55,8 +66,24 @@ def resolve_split(path: str | Path, split: str = "train") -> Path:
     f = p / f"{split}.jsonl"
     if not f.is_file():
         have = ", ".join(sorted(x.name for x in p.glob("*.jsonl"))) or "no .jsonl files"
-        raise ValueError(f"dataset directory {p} has no {split}.jsonl (it has {have})")
+        raise MissingSplit(f"dataset directory {p} has no {split}.jsonl (it has {have})")
     return f
+
+
+def split_files(path: str | Path, split: str = "train", fmt: str | None = None) -> list[Path]:
+    """Every data file of `split`: one local file (`resolve_split`), or a Hub dataset's JSONL / Parquet files
+    of that split (`fmt` keeps one format). ValueError naming the splits there are when it has none."""
+    if not is_dataset_id(path):
+        return [resolve_split(path, split)]
+    root = dataset_snapshot(str(path))
+    files = dataset_split_files(root, split, fmt)
+    if not files:
+        have = [x for x in SPLIT_ALIASES if dataset_split_files(root, x, fmt)]
+        found = ", ".join(str(f.relative_to(root)) for f in sorted(root.rglob("*")) if f.is_file()) or "none"
+        raise MissingSplit(f"dataset {path} has no {fmt + ' ' if fmt else ''}files for split {split!r} (splits "
+                         f"found: {', '.join(have) or 'none'}; data files: {found}). Name the split's files "
+                         f"{split}*.jsonl / {split}*.parquet, or choose another split.")
+    return files
 
 
 def encode_record(tok: Tokenizer, rec, loss_on: str = "default"):
@@ -85,11 +112,8 @@ def _kind(rec) -> str:
     return "chat" if "messages" in rec else "completion" if "prompt" in rec or "completion" in rec else "text"
 
 
-def tokenize_file(path: Path, tok: Tokenizer, loss_on: str = "default", skip_invalid: bool = False,
-                  progress: Callable[[int, int], None] | None = None):
-    """Tokenize every line of a JSONL file: (docs, loss_masks, info). `progress(bytes_done, bytes_total)`."""
-    docs, masks = [], []
-    info = {"formats": {}, "skipped": 0, "errors": []}
+def _jsonl_records(path: Path, progress):
+    """(line number, record or a ValueError) of every non-blank line; progress in bytes."""
     total, done = path.stat().st_size, 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -100,26 +124,56 @@ def tokenize_file(path: Path, tok: Tokenizer, loss_on: str = "default", skip_inv
             if not line:
                 continue
             try:
-                try:
-                    rec = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ValueError(f"malformed JSON ({e.msg if hasattr(e, 'msg') else e}); expected one "
-                                     f"JSON object per line: {_SHAPES}") from None
-                ids, mask = encode_record(tok, rec, loss_on)
-            except ValueError as e:
-                msg = f"{path}:{lineno}: {e}"
-                if not skip_invalid:
-                    raise ValueError(msg) from None
-                info["skipped"] += 1
-                if len(info["errors"]) < 10:
-                    info["errors"].append(msg)
-                continue
-            k = _kind(rec)
-            info["formats"][k] = info["formats"].get(k, 0) + 1
-            docs.append(ids)
-            masks.append(mask)
-    if progress is not None:
-        progress(total, total)
+                yield lineno, json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield lineno, ValueError(f"malformed JSON ({e.msg if hasattr(e, 'msg') else e}); expected one "
+                                         f"JSON object per line: {_SHAPES}")
+
+
+def _parquet_records(path: Path, progress):
+    """("row N", record) of every row of a Parquet file (columns text / prompt, completion / messages);
+    progress in rows."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet files needs pyarrow: pip install 'mlx-mistral[parquet]'") from None
+    try:
+        pf = pq.ParquetFile(path)
+        total, row = pf.metadata.num_rows, 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                row += 1  # a column a row does not use (a mixed-shape file) reads as null: leave it out
+                yield f"row {row}", {k: v for k, v in rec.items() if v is not None}
+            if progress is not None:
+                progress(row, total)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError; ArrowIOError an OSError
+        raise ValueError(f"{path} is not a readable Parquet file: {e}") from None
+
+
+def tokenize_file(path: Path, tok: Tokenizer, loss_on: str = "default", skip_invalid: bool = False,
+                  progress: Callable[[int, int], None] | None = None):
+    """Tokenize every record of a JSONL (one object a line) or Parquet (one a row) file: (docs, loss_masks,
+    info). `progress(done, total)` in bytes (JSONL) or rows (Parquet)."""
+    docs, masks = [], []
+    info = {"formats": {}, "skipped": 0, "errors": []}
+    records = _parquet_records if path.suffix == ".parquet" else _jsonl_records
+    for lineno, rec in records(path, progress):
+        try:
+            if isinstance(rec, ValueError):
+                raise rec
+            ids, mask = encode_record(tok, rec, loss_on)
+        except ValueError as e:
+            msg = f"{path}:{lineno}: {e}"
+            if not skip_invalid:
+                raise ValueError(msg) from None
+            info["skipped"] += 1
+            if len(info["errors"]) < 10:
+                info["errors"].append(msg)
+            continue
+        k = _kind(rec)
+        info["formats"][k] = info["formats"].get(k, 0) + 1
+        docs.append(ids)
+        masks.append(mask)
     return docs, masks, info
 
 
@@ -158,16 +212,43 @@ def _read_cache(d: Path):
 
 def load_dataset(path: str | Path, tokenizer: Tokenizer, split: str = "train", loss_on: str = "default",
                  skip_invalid: bool = False, cache: bool = True, cache_dir: str | Path | None = None,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, fmt: str | None = None):
     """Tokenized documents of one split: `(docs, loss_masks, stats)`.
 
-    `docs` are int32 arrays, each with its own BOS and EOS; `loss_masks` 0/1 int32 arrays of the same
-    lengths. `stats` holds the file, document/token counts, the formats seen, skipped lines and whether
-    the cache was hit. `progress(bytes_done, bytes_total)` is called while tokenizing (not on a hit).
+    `path`: a .jsonl / .parquet file, a dataset directory, or a Hub dataset id `owner/name[@revision]`
+    (`fmt` "jsonl" / "parquet" keeps that format of its files). `docs` are int32 arrays, each with its own
+    BOS and EOS; `loss_masks` 0/1 int32 arrays of the same lengths. `stats` holds the file(s), document /
+    token counts, the formats seen, skipped lines, whether the cache was hit (each file is cached on its
+    own) and, for a Hub dataset, the commit read. `progress(done, total)` is called while tokenizing.
     """
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
-    f = resolve_split(path, split)
+    files = split_files(path, split, fmt)
+    parts = [_load_file(f, tokenizer, split, loss_on, skip_invalid, cache, cache_dir, progress) for f in files]
+    if len(parts) == 1:
+        docs, masks, stats = parts[0]
+    else:
+        docs = [d for p in parts for d in p[0]]
+        masks = [m for p in parts for m in p[1]]
+        each = [p[2] for p in parts]
+        formats: dict[str, int] = {}
+        for st in each:
+            for k, n in st["formats"].items():
+                formats[k] = formats.get(k, 0) + n
+        stats = {"file": f"{path} ({len(files)} {split} files)", "files": [str(f) for f in files], "split": split,
+                 "tokenizer": tokenizer.path.name, "formats": formats,
+                 **{k: sum(st[k] for st in each) for k in ("n_docs", "n_tokens", "n_loss_tokens", "skipped")},
+                 "errors": [e for st in each for e in st["errors"]][:10], "cached": all(st["cached"] for st in each),
+                 "cache_path": [st["cache_path"] for st in each]}
+    if is_dataset_id(path):
+        snap = files[0].parts
+        stats = dict(stats, dataset=str(path), revision=snap[snap.index("snapshots") + 1])
+    return docs, masks, stats
+
+
+def _load_file(f: Path, tokenizer: Tokenizer, split: str, loss_on: str, skip_invalid: bool, cache: bool,
+               cache_dir, progress):
+    """`load_dataset` of one data file, through the on-disk cache."""
     options = {"loss_on": loss_on, "skip_invalid": skip_invalid}
     entry = None
     if cache:

@@ -7,6 +7,7 @@ it, and the tokenizer is checked against the model's vocabulary here.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -96,3 +97,61 @@ def open_model(path_or_repo: str | Path, build: Callable[[Path], object]):
         raise ValueError(f"{model_dir}: the tokenizer ({tok.path.name}) has {tok.vocab_size} tokens but the "
                          f"model's vocab_size is {model.args.vocab_size}; they belong to different models")
     return model, tok
+
+
+# ---- datasets -----------------------------------------------------------------------------------------------
+# A Hub dataset is named `owner/name` or `owner/name@revision` (a branch, tag or commit). Its data files are
+# the repo's `*.jsonl` and `*.parquet` files; a split's files are those with the split's name (or an alias)
+# as a folder or as the start of the file name, followed by "-", ".", " " or a digit (`train.jsonl`,
+# `data/train-00000-of-00002.parquet`, `validation/0.jsonl`), the Hub's own naming convention. A repo whose
+# files name no split at all is one train split.
+DATA_EXTENSIONS = (".jsonl", ".parquet")
+SPLIT_ALIASES = {"train": ("train", "training"), "valid": ("valid", "validation", "val", "dev", "eval"),
+                 "test": ("test", "testing")}
+_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
+def is_dataset_id(spec: str | Path) -> bool:
+    """Whether `spec` names a Hub dataset (`owner/name[@revision]`) rather than an existing local path."""
+    s = str(spec)
+    return not Path(s).expanduser().exists() and not s.startswith((".", "/", "~")) and bool(_DATASET_ID.fullmatch(s))
+
+
+def parse_dataset_id(spec: str) -> tuple[str, str | None]:
+    """(`owner/name`, revision or None) of a Hub dataset id."""
+    repo, _, rev = str(spec).partition("@")
+    return repo, rev or None
+
+
+def dataset_snapshot(spec: str, revision: str | None = None) -> Path:
+    """The local snapshot of a Hub dataset's data files (`*.jsonl`, `*.parquet`), fetched with
+    `snapshot_download` (honouring `HF_HUB_OFFLINE` and `HF_HUB_CACHE`); its folder name is the commit."""
+    from huggingface_hub import snapshot_download
+
+    repo, rev = parse_dataset_id(spec)
+    rev = revision or rev
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", revision=rev,
+                                      allow_patterns=[f"*{e}" for e in DATA_EXTENSIONS]))
+    except Exception as e:  # network, auth, offline cache miss, unknown revision: say what was tried
+        raise ValueError(f"could not fetch dataset {repo!r}{f' at revision {rev!r}' if rev else ''} from the "
+                         f"Hugging Face Hub ({type(e).__name__}: {e}). Check the id and revision, your token "
+                         "(huggingface-cli login) or HF_HUB_OFFLINE.") from None
+
+
+def _names_split(rel: Path, names) -> bool:
+    parts = [*rel.parts[:-1], rel.name.split(".")[0]]
+    return any(p == n or (p.startswith(n) and p[len(n)] in "-. 0123456789") for p in parts for n in names)
+
+
+def dataset_split_files(root: Path, split: str, fmt: str | None = None) -> list[Path]:
+    """The data files of `split` in a dataset snapshot `root` (sorted; [] when the split has none); `fmt`
+    ("jsonl" / "parquet") keeps files of that format only."""
+    rels = (p.relative_to(root) for p in root.rglob("*") if p.suffix in DATA_EXTENSIONS)
+    files = sorted(r for r in rels if (fmt is None or r.suffix == f".{fmt}")
+                   and not any(x.startswith(".") for x in r.parts))
+    mine = [f for f in files if _names_split(f, SPLIT_ALIASES.get(split, (split,)))]
+    if not mine and split == "train" and not any(_names_split(f, names) for f in files
+                                                  for names in SPLIT_ALIASES.values()):
+        mine = files  # no split naming at all: everything is the train split
+    return [root / f for f in mine]

@@ -146,6 +146,7 @@ class TrainLoop:
     """
 
     backend = ""
+    start_info: dict = {}  # more keys of the "start" event, set by the recipe (the dtype chosen and why)
 
     def __init__(self, model, cfg: TrainConfig, train: Rows, val: Rows | None = None, run_dir=None,
                  callbacks=(), lora_config: dict | None = None, model_name: str = "", save_full=None, *,
@@ -304,7 +305,8 @@ class TrainLoop:
                     "rank_policy": cfg.rank_policy, "trainable_params": trainable, "total_params": total,
                     "total_steps": cfg.steps, "start_step": start_step, "seq_len": cfg.seq_len,
                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "packing": cfg.packing,
-                    "packing_efficiency": self.train_rows.efficiency, "memory_total": self._memory_total()})
+                    "packing_efficiency": self.train_rows.efficiency, "memory_total": self._memory_total(),
+                    **self.start_info})
         last_loss, reason, message, last_ckpt = None, "done", "", None
         step = start_step
         t_log, tok_log, step_log = time.perf_counter(), tokens, start_step

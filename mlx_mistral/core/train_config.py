@@ -52,16 +52,28 @@ class TrainConfig:
     quantize: int | None = key(None, "Quantize the base at load to 4 or 8 bits (QLoRA)", kind="int",
                                choices=(4, 8), nullable=True)
     quantize_group_size: int = key(64, "Group size of the quantization", kind="int", choices=(32, 64, 128))
-    dtype: str = key("float32", "Base weights' dtype (adapters and optimizer state are fp32 regardless)",
-                     kind="str", choices=("float32", "bfloat16", "float16"))
+    dtype: str = key("auto", "Base weights' dtype (adapters and optimizer state are fp32 regardless). auto: the "
+                             "checkpoint's (config.json torch_dtype / dtype), but float32 where the backend is slow "
+                             "in it (bf16/fp16 on MLX's CPU, fp16 on torch's CPU); the start event says which and why",
+                     kind="str", choices=("auto", "float32", "bfloat16", "float16"))
     # ---- data
-    data: str = key("", "Dataset: a directory with train.jsonl (valid.jsonl, test.jsonl optional) or a .jsonl "
-                        "file", kind="str")
+    data: str = key("", "Dataset: a directory with train.jsonl (valid.jsonl, test.jsonl optional), a .jsonl or "
+                        ".parquet file, or a Hugging Face Hub dataset id owner/name[@revision] (its JSONL / Parquet "
+                        "files of the train and valid splits)", kind="str")
+    datasets: list = key([], "Several sources mixed, instead of data: a list of entries {path: a local dataset or "
+                             "Hub id, split: train, valid_split: valid (null: none), revision: null, weight: 1.0, "
+                             "format: null (jsonl / parquet)}; weight w uses each document of the source w times "
+                             "per epoch (0.5: a seeded half), deterministic given seed", kind="datasets")
     seq_len: int = key(2048, "Tokens per packed row", kind="int", min=2)
     packing: str = key("swa", "swa: documents isolated (segment ids, positions, window); naive: concatenate "
                               "and cut; none: one document per row, padded", kind="str",
                        choices=("swa", "naive", "none"))
     overlap: int = key(0, "Tokens shared by consecutive chunks of a document longer than a row", kind="int", min=0)
+    loss_on: str = key("default", "Which tokens the loss covers, per record shape. default: chat -> every "
+                                  "assistant turn (with its EOS), prompt/completion -> the completion (with EOS), "
+                                  "text -> all; last: chat -> the last assistant turn only, prompt/completion -> "
+                                  "the completion, text -> all; all: every token (system and user turns, prompts)",
+                       kind="str", choices=("default", "last", "all"))
     # ---- what to train
     fine_tune: str = key("lora", "lora: train adapters; full: train every parameter", kind="str",
                          choices=("lora", "full"))
@@ -109,6 +121,12 @@ class TrainConfig:
     keep_checkpoints: int = key(3, "Complete checkpoints kept (the newest verified one is always kept)",
                                 kind="int", min=1, resume="free")
     log_every: int = key(1, "Report training metrics every N steps", kind="int", min=1, resume="free")
+    report_to: list = key([], "Experiment loggers beside the dashboard and metrics.jsonl: wandb (Weights & Biases; "
+                              "the wandb extra; WANDB_MODE=offline works without an account) and/or tensorboard "
+                              "(event files in <out>/tensorboard; the tensorboard extra)", kind="list",
+                          choices=("wandb", "tensorboard"), resume="free")
+    wandb_project: str = key("mlx-mistral", "The Weights & Biases project of report_to: wandb", kind="str",
+                             resume="free")
     out: str = key("runs/latest", "Run directory (adapters, checkpoints, metrics.jsonl, config.yaml)", kind="str",
                    resume="free")
 
@@ -133,6 +151,9 @@ class TrainConfig:
         if self.fine_tune == "full" and self.quantize:
             raise ValueError(f"{source}: keys 'fine_tune: full' and 'quantize' conflict: full fine-tuning keeps "
                              "fp32 master weights; drop 'quantize' or use 'fine_tune: lora'")
+        if self.data and self.datasets:
+            raise ValueError(f"{source}: keys 'data' and 'datasets' conflict: set one (a single dataset, or a "
+                             "list of sources to mix)")
         if self.num_layers == 0:
             raise ValueError(f"{source}: key 'num_layers' = 0: must be -1 (all layers) or a positive count")
         return self
@@ -147,13 +168,18 @@ class TrainConfig:
         saved run resumes from any working directory (a Hub id or tiny:<preset> stays as it is)."""
         base = Path(base or Path.cwd())
         out = {}
-        for k in ("model", "data", "out"):
-            v = getattr(self, k)
-            if not v or v.startswith("tiny:"):
-                continue
+
+        def absolute(k, v):
             p = Path(v).expanduser()
             if k == "out" or p.exists() or v.startswith((".", "/", "~")) or v.count("/") != 1:
-                out[k] = str((base / p).resolve() if not p.is_absolute() else p)
+                return str((base / p).resolve() if not p.is_absolute() else p)
+            return v
+
+        for k in ("model", "data", "out"):
+            v = getattr(self, k)
+            if v and not v.startswith("tiny:"):
+                out[k] = absolute(k, v)
+        out["datasets"] = [dict(e, path=absolute("data", e["path"])) for e in self.datasets]
         return dataclasses.replace(self, **out)
 
 
@@ -166,12 +192,16 @@ def specs_by_name() -> dict[str, dict]:
 
 def describe(spec: dict) -> str:
     """What a key accepts, in words (for error messages and --help)."""
-    if spec["choices"]:
+    if spec["choices"] and spec["kind"] == "list":
+        what = f"a list of {', '.join(map(str, spec['choices']))}"
+    elif spec["choices"]:
         what = " or ".join(map(str, spec["choices"]))
     else:
         what = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
                 "targets": "a list of projection names or all-linear",
-                "pattern": "a mapping {module regex: number}"}[spec["kind"]]
+                "pattern": "a mapping {module regex: number}",
+                "datasets": "a list of dataset paths / Hub ids, or of {path, split, valid_split, revision, weight, "
+                            "format} entries"}[spec["kind"]]
         lo, hi = spec["min"], spec["max"]
         if lo is not None and hi is not None:
             what += f" in {'(' if spec['min_open'] else '['}{lo:g}, {hi:g}{')' if spec['max_open'] else ']'}"
@@ -247,7 +277,51 @@ def coerce(name: str, value: Any, source: str = "config") -> Any:
             if name == "rank_pattern" and not num.is_integer():
                 raise bad(f" (entry {k!r}: a rank is an integer)")
         return out
+    if kind == "datasets":
+        return _sources(value, bad)
+    if kind == "list":  # a list of names from `choices` (a bare string is a list of one)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or any(x not in spec["choices"] for x in items):
+            raise bad()
+        return list(dict.fromkeys(items))
     raise AssertionError(f"unknown kind {kind!r}")  # a programming error, not input
+
+
+SOURCE_DEFAULTS = {"path": None, "split": "train", "valid_split": "valid", "revision": None, "weight": 1.0,
+                   "format": None}
+
+
+def _sources(value, bad) -> list[dict]:
+    """The `datasets` list with every entry complete (a bare string is {path: it}), so config.yaml records
+    what was read; ValueError naming the entry and its bad field."""
+    if not isinstance(value, (list, tuple)):
+        raise bad()
+    out = []
+    for i, e in enumerate(value):
+        e = {"path": e} if isinstance(e, str) else e
+        if not isinstance(e, dict):
+            raise bad(f" (entry {i} is {type(e).__name__})")
+        unknown = sorted(set(e) - set(SOURCE_DEFAULTS))
+        if unknown:
+            raise bad(f" (entry {i}: unknown field(s) {', '.join(unknown)}; known: {', '.join(SOURCE_DEFAULTS)})")
+        e = {**SOURCE_DEFAULTS, **e}
+        if not isinstance(e["path"], str) or not e["path"]:
+            raise bad(f" (entry {i} needs 'path': a local dataset or a Hub dataset id)")
+        for k in ("split", "valid_split", "revision"):
+            if e[k] is not None and (not isinstance(e[k], str) or not e[k]):
+                raise bad(f" (entry {i}: {k!r} must be a non-empty string{'' if k == 'split' else ' or null'})")
+        if e["split"] is None:
+            raise bad(f" (entry {i}: 'split' must be a split name such as train)")
+        w = e["weight"]
+        if isinstance(w, str) and _NUMBER.fullmatch(w.strip()):
+            w = float(w)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise bad(f" (entry {i}: 'weight' must be a number > 0)")
+        e["weight"] = float(w)
+        if e["format"] not in (None, "jsonl", "parquet"):
+            raise bad(f" (entry {i}: 'format' must be jsonl, parquet or null)")
+        out.append(e)
+    return out
 
 
 def _range(spec: dict, v: float, bad):
@@ -258,6 +332,19 @@ def _range(spec: dict, v: float, bad):
         raise bad()
     if hi is not None and (v > hi or (spec["max_open"] and v == hi)):
         raise bad()
+
+
+def resolve_dtype(requested: str, checkpoint: str | None, slow: tuple[str, ...] = ()) -> tuple[str, str]:
+    """(dtype to load the base in, why) for key `dtype` = `requested`: an explicit dtype as it is; "auto": the
+    checkpoint's storage dtype (`checkpoint`, None when its config names none: float32), or float32 when the
+    backend is slow in that dtype (`slow`, e.g. bf16 on MLX's CPU)."""
+    if requested != "auto":
+        return requested, "as configured (dtype)"
+    if checkpoint is None:
+        return "float32", "auto: the checkpoint's config names no dtype"
+    if checkpoint in slow:
+        return "float32", f"auto: the checkpoint is {checkpoint}, but this backend and device are slow in it"
+    return checkpoint, f"auto: the checkpoint's dtype"
 
 
 def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:

@@ -20,6 +20,7 @@ backend-specific operation, stacking experts, is passed in. Nothing here imports
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Callable
@@ -229,3 +230,16 @@ def dtype_name(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def storage_dtype(model_dir: str | Path) -> str | None:
+    """The dtype a checkpoint's `config.json` (a model directory's, or the file itself) says its weights are
+    stored in (`dtype`, transformers 5, or `torch_dtype`), as "float32" / "bfloat16" / "float16"; None when
+    it names none we load."""
+    p = Path(model_dir)
+    p = p if p.is_file() else p / "config.json"
+    if not p.is_file():
+        return None
+    data = json.loads(p.read_text())
+    name = data.get("dtype") or data.get("torch_dtype")
+    return DTYPES.get(str(name).removeprefix("torch.")) if name else None

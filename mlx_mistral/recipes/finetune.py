@@ -28,7 +28,9 @@ from .. import backends
 from ..core.generation import write_data_format
 from ..core.loop import Rows, split_rows
 from ..core.rundir import claim
-from ..core.train_config import TrainConfig, config_from_dict, load_config, resume_differences, write_run_config
+from ..core.train_config import (TrainConfig, config_from_dict, load_config, resolve_dtype, resume_differences,
+                                 write_run_config)
+from ..core.weights import storage_dtype
 
 DISPLAYS = (None, "plain", "auto")
 
@@ -60,25 +62,21 @@ def resolve_model(spec: str, run_dir: Path, seed: int = 0, rank0: bool = True, b
     return resolve_path(spec)
 
 
-def load_rows(data: str, tok, cfg: TrainConfig, split: str, formats: dict | None = None):
-    """`(Rows, Packed)` of one split of a dataset directory, or (None, None) when the split does not exist
-    (the train split must). A progress bar is drawn while tokenizing on a terminal. `formats`, when given, is
-    updated with the split's record shapes ({"chat": n, "completion": n, "text": n})."""
-    from ..core.data import load_dataset, resolve_split
+def load_rows(data, tok, cfg: TrainConfig, split: str, stats: dict | None = None):
+    """`(Rows, Packed)` of one split of `data` (a dataset path / Hub id, or the config's `datasets` list, mixed
+    with their weights: core/mix.py), or (None, None) when the split does not exist (the train split must).
+    A progress bar is drawn while tokenizing on a terminal; `stats`, when given, gets what was read."""
+    from ..core.mix import load_split
     from ..core.packing import pack
     from ..ui.progress import bytes_bar
 
-    try:
-        resolve_split(data, split)
-    except ValueError:
-        if split == "train":
-            raise
-        return None, None
     with bytes_bar(f"tokenizing {split}") as progress:
-        docs, masks, stats = load_dataset(data, tok, split, progress=progress)
-    if formats is not None:
-        for k, n in stats["formats"].items():
-            formats[k] = formats.get(k, 0) + n
+        got = load_split(data, tok, split, loss_on=cfg.loss_on, seed=cfg.seed, progress=progress)
+    if got is None:
+        return None, None
+    docs, masks, read = got
+    if stats is not None:
+        stats.update(read)
     packed = pack(docs, cfg.seq_len, masks, overlap=cfg.overlap, mode=cfg.packing)
     return Rows.from_packed(packed), packed
 
@@ -157,9 +155,18 @@ def finetune(config, *, resume: bool = False, overwrite: bool = False, display: 
     if display not in DISPLAYS:
         raise ValueError(f"display must be one of {', '.join(map(repr, DISPLAYS))}, got {display!r}")
     cfg = as_config(config).with_absolute_paths()
-    for key in ("model", "data"):
-        if not getattr(cfg, key):
-            raise ValueError(f"config has no {key!r}: set it to a model directory / dataset")
+    if not cfg.model:
+        raise ValueError("config has no 'model': set it to a model directory, Hub id or tiny:<preset>")
+    if not (cfg.data or cfg.datasets):
+        raise ValueError("config has no 'data' (a dataset path or Hub id) nor 'datasets' (sources to mix)")
+    from ..ui.loggers import check_reporters
+
+    check_reporters(cfg.report_to)  # a missing extra fails now, not after loading the model
+    if resume and cfg.dtype == "auto":  # auto continues in the dtype the run started in (its config.yaml)
+        try:
+            cfg = replace(cfg, dtype=load_config(Path(cfg.out) / "config.yaml").dtype)
+        except ValueError:
+            pass  # check_resume says what is wrong with the run's config.yaml
     b = backends.get(backends.pick_backend(cfg.backend))
     group = b.init_group()
     rank0 = group is None or group.rank() == 0
@@ -175,34 +182,45 @@ def finetune(config, *, resume: bool = False, overwrite: bool = False, display: 
 
 def _finetune(b, cfg, group, rank0, run_dir, resume, changes, display, callbacks) -> dict:
     model_dir = resolve_model(cfg.model, run_dir, cfg.seed, rank0, lambda: b.barrier(group))
-    model, tok = b.load(model_dir, dtype="float32" if cfg.fine_tune == "full" else cfg.dtype)
-    formats: dict[str, int] = {}
-    train_rows, packed = load_rows(cfg.data, tok, cfg, "train", formats)
-    val_rows, _ = load_rows(cfg.data, tok, cfg, "valid")
+    dtype, why = (("float32", "full fine-tuning keeps fp32 master weights") if cfg.fine_tune == "full" else
+                  resolve_dtype(cfg.dtype, storage_dtype(model_dir), b.slow_dtypes()))
+    if cfg.fine_tune != "full":
+        cfg = replace(cfg, dtype=dtype)  # config.yaml records the dtype used, so --resume loads the same
+    model, tok = b.load(model_dir, dtype=dtype)
+    data, read = cfg.datasets or cfg.data, {}
+    train_rows, packed = load_rows(data, tok, cfg, "train", read)
+    # a single file is the train split; its validation rows are held out (val_fraction), not the file again
+    val_rows = None if isinstance(data, str) and Path(data).is_file() else load_rows(data, tok, cfg, "valid")[0]
     if val_rows is None and cfg.val_fraction > 0:
         train_rows, val_rows = split_rows(packed, cfg.val_fraction, cfg.seed)
     lora_cfg = b.prepare_model(model, cfg, str(model_dir))
     return _train(b, model, cfg, train_rows, val_rows, run_dir, lora_cfg, str(model_dir), group, rank0, resume,
-                  changes, display, callbacks, tok, formats)
+                  changes, display, callbacks, tok,
+                  {"dtype": dtype, "dtype_reason": why, "data_sources": read["sources"]}, read.get("formats", {}))
 
 
 def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_name: str, group, rank0: bool,
-           resume: bool, changes: dict, display: str | None, callbacks, tok, formats: dict) -> dict:
+           resume: bool, changes: dict, display: str | None, callbacks, tok, start_info: dict | None = None,
+           formats: dict | None = None) -> dict:
     """The trainer of backend `b` with the JSONL log (and the display) on rank 0; the "end" event."""
     from ..ui.callbacks import JSONLLogger
+    from ..ui.loggers import make_reporters
 
     callbacks = list(callbacks)
     shown = log = None
+    reporters = []
     if rank0:
         def on_start(event):  # the checkpoint (if any) has loaded: nothing refused the run, record its config
             if event["event"] == "start":
                 write_run_config(run_dir, cfg)
-                write_data_format(run_dir, formats)  # how `generate` / `chat` format prompts for this run
+                write_data_format(run_dir, formats or {})  # how `generate` / `chat` format prompts for this run
                 if lora_cfg is None:  # full fine-tuning: the run directory becomes a loadable model directory
                     shutil.copy(tok.path, run_dir / tok.path.name)
 
         log = JSONLLogger(run_dir / "metrics.jsonl")
         callbacks[:0] = [on_start, log]
+        reporters = make_reporters(cfg.report_to, run_dir, cfg.to_dict())  # W&B / TensorBoard (report_to)
+        callbacks += reporters
         if display is not None:
             from ..ui.dashboard import make_callback
 
@@ -212,6 +230,7 @@ def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_n
         trainer = b.Trainer(model, cfg, train_rows, val_rows, run_dir, callbacks, lora_config=lora_cfg,
                             model_name=model_name, group=group)
         trainer.resume_changes = changes
+        trainer.start_info = dict(start_info or {})
         if shown is not None and hasattr(shown, "__enter__"):
             with shown:
                 return trainer.run(resume=resume)
@@ -219,3 +238,5 @@ def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_n
     finally:
         if log is not None:
             log.close()
+        for r in reporters:
+            r.close()

@@ -268,6 +268,8 @@ def render(state: DashboardState, now: float | None = None, chart_height: int = 
         frac = f" ({100 * s['trainable_params'] / s['total_params']:.2f}%)" if s.get("total_params") else ""
         head.append(f"  trainable {fmt_count(s['trainable_params'])} / {fmt_count(s.get('total_params'))}{frac}")
     head.append(f"  backend {s.get('backend', '?')}  device {s.get('device', '?')}", style="dim")
+    if s.get("dtype"):
+        head.append(f"  {s['dtype']}" + (f" ({s['dtype_reason']})" if s.get("dtype_reason") else ""), style="dim")
     parts.append(head)
 
     # Progress: step, bar, percent, elapsed, ETA.
@@ -386,7 +388,8 @@ def format_line(event: dict, state: DashboardState | None = None) -> str | None:
                 f"steps {event.get('total_steps')} from {event.get('start_step', 0)} seq {event.get('seq_len')} "
                 f"batch {event.get('batch_size')}x{event.get('grad_accum')} packing {event.get('packing')} "
                 f"eff {_num(event.get('packing_efficiency') and 100 * event['packing_efficiency'], '.1f')}% "
-                f"mem_total {fmt_gb(event.get('memory_total'))}GB run {event.get('run_dir')}")
+                f"mem_total {fmt_gb(event.get('memory_total'))}GB run {event.get('run_dir')}"
+                + (f" dtype {event['dtype']} ({event.get('dtype_reason', '')})" if event.get("dtype") else ""))
     if kind == "train":
         line = (f"step {event.get('step')}/{total or '?'} loss {_num(event.get('loss'), '.4f')} "
                 f"lr {_num(event.get('lr'), '.2e')} tok/s {fmt_rate(event.get('tokens_per_sec'))} "
