@@ -25,14 +25,17 @@ def _fail(e: Exception, hint: str | None = None):
               help="uniform: rank r everywhere; gqa: k/v get r * n_kv_heads / n_heads (alpha/r kept).")
 @click.option("--packing", type=click.Choice(["swa", "naive", "none"]), help="How documents fill rows.")
 @click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize the base at load (QLoRA).")
-@click.option("--fine-tune", type=click.Choice(["lora", "full"]), help="Train adapters or every parameter.")
+@click.option("--fine-tune", type=click.Choice(["lora", "full", "dpo", "orpo"]),
+              help="lora / full: supervised fine-tuning of adapters / every parameter; dpo / orpo: preference "
+                   "tuning on {prompt, chosen, rejected} records (adapters unless pref_weights: full).")
 @click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]),
               help="auto: MLX on Apple silicon, torch with CUDA; on other machines see the README.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--no-dashboard", is_flag=True, help="Plain log lines instead of the live dashboard.")
 def train(config_path, model, data, out, steps, seq_len, batch_size, lora_rank, rank_policy, packing, quantize,
           fine_tune, backend, resume, no_dashboard):
-    """Fine-tune with LoRA / QLoRA (or fully) on packed rows; writes a run directory.
+    """Fine-tune with LoRA / QLoRA (or fully) on packed rows, supervised or by preference (DPO, ORPO);
+    writes a run directory.
 
     Settings come from the dataclass defaults, then --config, then these flags. With --resume the run's
     own config.yaml is the base instead (flags still override) and training continues exactly.
@@ -127,7 +130,7 @@ def plan(model_spec, config_path, budget):
             from ..core.hub import resolve_path
 
             args = ModelArgs.from_dir(resolve_path(model_spec))
-        n = 0 if cfg.fine_tune == "full" else count_params(plan_for_config(args, cfg))
+        n = 0 if cfg.trains_full else count_params(plan_for_config(args, cfg))
         bits = cfg.quantize or (args.quantization or {}).get("bits")
         kw = dict(fine_tune=cfg.fine_tune, trainable_params=n, bits=bits, group_size=cfg.quantize_group_size,
                   dtype=cfg.dtype, grad_accum=cfg.grad_accum)

@@ -83,11 +83,13 @@ def _kind(rec) -> str:
     return "chat" if "messages" in rec else "completion" if "prompt" in rec or "completion" in rec else "text"
 
 
-def tokenize_file(path: Path, tok: Tokenizer, loss_on: str = "default", skip_invalid: bool = False,
-                  progress: Callable[[int, int], None] | None = None):
-    """Tokenize every line of a JSONL file: (docs, loss_masks, info). `progress(bytes_done, bytes_total)`."""
-    docs, masks = [], []
-    info = {"formats": {}, "skipped": 0, "errors": []}
+def encode_jsonl(path: Path, encode: Callable, shapes: str = _SHAPES, skip_invalid: bool = False,
+                 progress: Callable[[int, int], None] | None = None):
+    """`[(record, encode(record)), ...]` for every non-empty line of a JSONL file, and `info` ("skipped",
+    "errors"). A malformed line or a ValueError of `encode` becomes `file:line: message` (raised, or
+    counted with `skip_invalid`). `progress(bytes_done, bytes_total)`."""
+    out = []
+    info = {"skipped": 0, "errors": []}
     total, done = path.stat().st_size, 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -102,8 +104,8 @@ def tokenize_file(path: Path, tok: Tokenizer, loss_on: str = "default", skip_inv
                     rec = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     raise ValueError(f"malformed JSON ({e.msg if hasattr(e, 'msg') else e}); expected one "
-                                     f"JSON object per line: {_SHAPES}") from None
-                ids, mask = encode_record(tok, rec, loss_on)
+                                     f"JSON object per line: {shapes}") from None
+                out.append((rec, encode(rec)))
             except ValueError as e:
                 msg = f"{path}:{lineno}: {e}"
                 if not skip_invalid:
@@ -111,14 +113,21 @@ def tokenize_file(path: Path, tok: Tokenizer, loss_on: str = "default", skip_inv
                 info["skipped"] += 1
                 if len(info["errors"]) < 10:
                     info["errors"].append(msg)
-                continue
-            k = _kind(rec)
-            info["formats"][k] = info["formats"].get(k, 0) + 1
-            docs.append(ids)
-            masks.append(mask)
     if progress is not None:
         progress(total, total)
-    return docs, masks, info
+    return out, info
+
+
+def tokenize_file(path: Path, tok: Tokenizer, loss_on: str = "default", skip_invalid: bool = False,
+                  progress: Callable[[int, int], None] | None = None):
+    """Tokenize every line of a JSONL file: (docs, loss_masks, info). `progress(bytes_done, bytes_total)`."""
+    encoded, info = encode_jsonl(path, lambda rec: encode_record(tok, rec, loss_on), _SHAPES, skip_invalid,
+                                 progress)
+    info = {"formats": {}, **info}
+    for rec, _ in encoded:
+        k = _kind(rec)
+        info["formats"][k] = info["formats"].get(k, 0) + 1
+    return [ids for _, (ids, _) in encoded], [mask for _, (_, mask) in encoded], info
 
 
 def file_hash(path: Path) -> str:

@@ -13,8 +13,11 @@ the file, key or value; the CLI turns them into click errors.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from .. import backends
 from ..core.loop import Rows, split_rows
@@ -69,6 +72,52 @@ def load_rows(data: str, tok, cfg: TrainConfig, split: str):
     return Rows.from_packed(packed), packed
 
 
+def model_key(model_dir: Path, dtype: str) -> str:
+    """A key of a model's weights (the hashes of its weight files) and the dtype they are computed in."""
+    import hashlib
+
+    from ..core.data import file_hash
+
+    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.npz"))
+    if not files:
+        raise ValueError(f"{model_dir} has no .safetensors weight files to key the reference log-probs by")
+    h = hashlib.sha256(json.dumps([dtype] + [file_hash(f) for f in files]).encode())
+    return h.hexdigest()[:24]
+
+
+def load_pair_rows(cfg: TrainConfig, tok, b=None, model=None, model_dir: Path | None = None):
+    """(train, val) `PairRows` of a preference dataset (val: valid.jsonl, or `val_fraction` of the pairs
+    held out, or None). For full-parameter DPO the reference log-probs of `model` (the initial weights, so
+    call this before training) are read from the tokenized cache, or computed once by backend `b` and stored
+    there, keyed by the model's weight files and dtype."""
+    from ..core.pairs import load_pairs, pack_pairs, read_reference, split_pairs, write_reference
+    from ..ui.progress import bytes_bar
+
+    with bytes_bar("tokenizing pairs") as progress:
+        train, entry = load_pairs(cfg.data, tok, "train", progress=progress)
+    valid = None
+    if Path(cfg.data).is_dir() and (Path(cfg.data) / "valid.jsonl").is_file():
+        valid = load_pairs(cfg.data, tok, "valid")
+    sets = [(train, entry, np.arange(len(train)))]
+    if valid is not None:
+        sets.append((valid[0], valid[1], np.arange(len(valid[0]))))
+    elif cfg.val_fraction > 0:
+        tr, va = split_pairs(len(train), cfg.val_fraction, cfg.seed)
+        sets = [(train, entry, tr)] + ([(train, entry, va)] if len(va) else [])
+    key = model_key(model_dir, "float32") if cfg.objective == "dpo" and cfg.trains_full else None
+    out = []
+    for pairs, cache_dir, idx in sets:
+        rows = pack_pairs([pairs[i] for i in idx], cfg.seq_len)
+        if key is not None:
+            table = read_reference(cache_dir, key, len(pairs))
+            if table is None:
+                table = b.reference_table(model, pack_pairs(pairs, cfg.seq_len), cfg.batch_size)
+                write_reference(cache_dir, key, table)
+            rows.reference = table[idx]
+        out.append(rows)
+    return out[0], (out[1] if len(out) > 1 else None)
+
+
 def split_loss(model, tok, data: str, split: str = "test", seq_len: int = 2048, batch_size: int = 4):
     """(mean token loss, loss tokens) of a loaded model (either backend) on one split of a dataset, packed
     as training packs it (`swa`); ValueError when the dataset has no such split."""
@@ -100,11 +149,14 @@ def finetune(config, *, resume: bool = False, display: str | None = None, callba
     rank0 = group is None or group.rank() == 0
     run_dir = Path(cfg.out)
     model_dir = resolve_model(cfg.model, run_dir, cfg.seed, rank0, lambda: b.barrier(group))
-    model, tok = b.load(model_dir, dtype="float32" if cfg.fine_tune == "full" else cfg.dtype)
-    train_rows, packed = load_rows(cfg.data, tok, cfg, "train")
-    val_rows, _ = load_rows(cfg.data, tok, cfg, "valid")
-    if val_rows is None and cfg.val_fraction > 0:
-        train_rows, val_rows = split_rows(packed, cfg.val_fraction, cfg.seed)
+    model, tok = b.load(model_dir, dtype="float32" if cfg.trains_full else cfg.dtype)
+    if cfg.objective == "sft":
+        train_rows, packed = load_rows(cfg.data, tok, cfg, "train")
+        val_rows, _ = load_rows(cfg.data, tok, cfg, "valid")
+        if val_rows is None and cfg.val_fraction > 0:
+            train_rows, val_rows = split_rows(packed, cfg.val_fraction, cfg.seed)
+    else:
+        train_rows, val_rows = load_pair_rows(cfg, tok, b, model, model_dir)
     lora_cfg = b.prepare_model(model, cfg, str(model_dir))
     if rank0:
         write_run_config(run_dir, cfg)
