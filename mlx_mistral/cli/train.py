@@ -132,7 +132,7 @@ def plan(model_spec, config_path, budget):
             args = ModelArgs.from_dir(resolve_path(model_spec))
         n = 0 if cfg.trains_full else count_params(plan_for_config(args, cfg))
         bits = cfg.quantize or (args.quantization or {}).get("bits")
-        kw = dict(fine_tune=cfg.fine_tune, trainable_params=n, bits=bits, group_size=cfg.quantize_group_size,
+        kw = dict(fine_tune="full" if cfg.trains_full else "lora", objective=cfg.objective, trainable_params=n, bits=bits, group_size=cfg.quantize_group_size,
                   dtype=cfg.dtype, grad_accum=cfg.grad_accum)
         e = estimate(args, batch_size=cfg.batch_size, seq_len=cfg.seq_len, grad_checkpoint=cfg.grad_checkpoint, **kw)
     except ValueError as err:
