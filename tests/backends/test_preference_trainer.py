@@ -81,12 +81,15 @@ def _path(monkeypatch, request):
     monkeypatch.syspath_prepend(str(request.config.rootpath / "tests" / "backends" / "mlx"))
 
 
-@pytest.mark.parametrize("backend, objective", [("mlx", "dpo"), ("mlx", "orpo"), ("torch", "dpo")])
-def test_resume_is_exact(tmp_path, backend, objective):
-    whole, _ = run(backend, tmp_path, "a", fine_tune=objective)
-    _, end = run(backend, tmp_path, "b", stop_at=3, fine_tune=objective)
+@pytest.mark.parametrize("backend, objective, quantize", [("mlx", "dpo", None), ("mlx", "dpo", 4),
+                                                         ("mlx", "orpo", None), ("torch", "dpo", None)])
+def test_resume_is_exact(tmp_path, backend, objective, quantize):
+    """Stopped after step 3 and resumed == uninterrupted (LoRA; QLoRA: the reference is the quantized base)."""
+    kw = dict(fine_tune=objective, quantize=quantize)
+    whole, _ = run(backend, tmp_path, "a", **kw)
+    _, end = run(backend, tmp_path, "b", stop_at=3, **kw)
     assert end["reason"] == "interrupted" and end["step"] == 3
-    second, end2 = run(backend, tmp_path, "b", resume=True, fine_tune=objective)
+    second, end2 = run(backend, tmp_path, "b", resume=True, **kw)
     assert end2["reason"] == "done"
     a, b = trains(whole), trains(second)
     assert sorted(b) == [4, 5, 6]
