@@ -72,7 +72,7 @@ def run_ours(model_dir: Path, out: Path) -> dict:
         _, update, _ = tr.train_step(step)
         update(LR)
         times.append(time.perf_counter() - t0)
-        n_pairs.append(len(rows.pairs_in(batch_rows(cfg.seed, step, tr.global_batch, len(rows)))))
+        n_pairs.append(rows.pair_count(batch_rows(cfg.seed, step, tr.global_batch, len(rows))))
     return {"pairs_per_sec": sum(n_pairs[1:]) / sum(times[1:]), "peak_rss": _rss(), "train_rss": _rss() - base_rss,
             "steps": steps, "pairs": len(pairs), "padding_free_tokens": int((rows.segment_ids > 0).sum()),
             "row_tokens": int(rows.tokens.size)}

@@ -223,7 +223,7 @@ class TrainLoop:
         cfg = self.cfg
         rows = batch_rows(cfg.seed, step, self.global_batch, len(self.train_rows))
         idx = [micro_rows(rows, m, self.rank, self.world, cfg.batch_size) for m in range(cfg.grad_accum)]
-        n_pairs = len(self.train_rows.pairs_in(rows))
+        n_pairs = self.train_rows.pair_count(rows)
         return (self._pair_micro_batches(self.train_rows, idx), max(n_pairs, 1),
                 max(self.train_rows.chosen_targets(rows), 1), self.train_rows.real_tokens(rows))
 

@@ -179,8 +179,12 @@ class PairRows:
         return float((self.segment_ids > 0).mean()) if self.tokens.size else 0.0
 
     def pairs_in(self, rows) -> np.ndarray:
-        """Sorted global pair ids of `rows`."""
+        """Sorted global pair ids of `rows` (each once)."""
         return np.flatnonzero(np.isin(self.pair_row, np.asarray(rows)))
+
+    def pair_count(self, rows) -> int:
+        """Pairs in `rows`, counting a row as often as it appears (a batch larger than the data repeats rows)."""
+        return int(np.bincount(self.pair_row, minlength=len(self))[np.asarray(rows)].sum())
 
     def real_tokens(self, rows) -> int:
         return int((self.segment_ids[np.asarray(rows)] > 0).sum())
@@ -194,17 +198,22 @@ class PairRows:
     def take(self, rows, slots: int | None = None):
         """Arrays of `rows` with `seq_index` made local and the global pair ids, in local order:
         `(tokens, seg, pos, targets, weights, full_weights, local, pair_ids)`. Local sequence 2j / 2j + 1 are
-        the chosen / rejected side of pair_ids[j]; padding is -1. `slots` (>= the pairs of these rows) fixes
+        the chosen / rejected side of pair_ids[j] (row by row, ascending within a row; a repeated row repeats
+        its pairs); padding is -1. `slots` (>= the pairs of these rows) fixes
         how many pair slots the caller's arrays have (static shapes under compilation)."""
         rows = np.asarray(rows)
-        g = self.seq_index[rows]  # (B, L)
-        pair_ids = np.unique(g[g >= 0] // 2)  # (p,) sorted global pair ids in these rows
+        g = self.seq_index[rows]  # (B, L) global sequence ids
+        local = np.full(g.shape, -1, np.int32)
+        per_row = []
+        for b in range(len(rows)):  # row by row, so a repeated row gets slots of its own
+            real = g[b] >= 0
+            present = np.unique(g[b][real] // 2)  # (p_b,) sorted pair ids of this row
+            base = sum(len(x) for x in per_row)
+            local[b, real] = 2 * (base + np.searchsorted(present, g[b][real] // 2)) + g[b][real] % 2
+            per_row.append(present)
+        pair_ids = np.concatenate(per_row) if per_row else np.zeros(0, np.int64)
         if slots is not None and slots < len(pair_ids):
             raise ValueError(f"{len(pair_ids)} pairs in these rows, more than {slots} slots")
-        lookup = np.full(2 * max(self.n_pairs, 1), -1, np.int32)
-        lookup[2 * pair_ids] = 2 * np.arange(len(pair_ids))
-        lookup[2 * pair_ids + 1] = 2 * np.arange(len(pair_ids)) + 1
-        local = np.where(g >= 0, lookup[np.maximum(g, 0)], -1).astype(np.int32)
         return (self.tokens[rows], self.segment_ids[rows], self.positions[rows], self.targets[rows],
                 self.weights[rows], self.full_weights[rows], local, pair_ids)
 

@@ -36,12 +36,10 @@ def _cfg(tmp_path, name, **kw):
     return TrainConfig(**kw).validate()
 
 
-def run(backend, tmp_path, name, stop_at=None, resume=False, **kw):
-    """A DPO/ORPO run of the small model of tests/backends/mlx/test_trainer.py on random pairs (stopped with
-    a checkpoint after `stop_at` steps when given)."""
+def small(backend, cfg):
+    """(the backend's Trainer class, the small model of tests/backends/mlx/test_trainer.py, its adapter config)."""
     from test_trainer import SMALL, small_model
 
-    cfg = _cfg(tmp_path, name, **kw)
     if backend == "mlx":
         from mlx_mistral.backends.mlx.trainer import Trainer, prepare_model
 
@@ -55,7 +53,14 @@ def run(backend, tmp_path, name, stop_at=None, resume=False, **kw):
 
         torch.manual_seed(0)
         model = Model(SMALL)
-    lc = prepare_model(model, cfg, "small")
+    return Trainer, model, prepare_model(model, cfg, "small")
+
+
+def run(backend, tmp_path, name, stop_at=None, resume=False, **kw):
+    """A DPO/ORPO run of the small model of tests/backends/mlx/test_trainer.py on random pairs (stopped with
+    a checkpoint after `stop_at` steps when given)."""
+    cfg = _cfg(tmp_path, name, **kw)
+    Trainer, model, lc = small(backend, cfg)
     events = []
     tr = Trainer(model, cfg, pack_pairs(rand_pairs(24), 64), pack_pairs(rand_pairs(6, 1), 64),
                  callbacks=[events.append], lora_config=lc)
@@ -183,3 +188,20 @@ def test_orpo_lora_on_torch_then_peft_loads_the_adapters(tmp_path, monkeypatch, 
         base = MistralForCausalLM.from_pretrained(model, dtype=torch.float32)(ids).logits
     assert (theirs - base).abs().max() > 1e-4  # ORPO moved the adapters
     assert torch.allclose(mine, theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_a_batch_larger_than_the_data_repeats_whole_rows(tmp_path, backend):
+    """One row of pairs, two rows a step: the row is taken twice with slots of its own, so the step's loss
+    and metrics are those of the row alone (a mean over its pairs, each counted twice)."""
+    losses = {}
+    for b in (1, 2):
+        cfg = _cfg(tmp_path, f"r{b}", batch_size=b, steps=1, save_every=0, seq_len=128)
+        Trainer, model, lc = small(backend, cfg)
+        rows = pack_pairs(rand_pairs(2), 128)
+        assert len(rows) == 1
+        events = []
+        Trainer(model, cfg, rows, None, callbacks=[events.append], lora_config=lc).run()
+        losses[b] = trains(events)[1]
+    for k in ("loss", "rewards/accuracies", "logps/chosen"):
+        assert losses[2][k] == pytest.approx(losses[1][k], abs=1e-6), k

@@ -286,6 +286,7 @@ def ours_torch(model, rows, cfg, token_stats=False):
     if cfg.objective == "dpo":
         t = torch_pref._tensors(arrays, "cpu")
         ref = torch_pref.reference_logps(model, *t[:5], t[6], 2 * slots).numpy()[:2 * n_pairs].reshape(-1, 2)
+        ref = ref[np.argsort(ids)]  # local (row) order -> pair order
         if token_stats:
             with torch.no_grad():
                 st = torch_pref.sequence_stats(model, *t[:5], t[6], 2 * slots, token_stats=True)
@@ -320,7 +321,7 @@ def ours_mlx(model, rows, cfg, compiled=False):
     mx.eval(loss, values, grads)
     step_loss, m = P.step_metrics(cfg.objective, gather_pairs(cfg.objective, [{k: np.array(v) for k, v in
                                                                                 values.items()}], [ids]))
-    return (float(loss), step_loss, m, np.array(ref)[:2 * len(ids)].reshape(-1, 2),
+    return (float(loss), step_loss, m, np.array(ref)[:2 * len(ids)].reshape(-1, 2)[np.argsort(ids)],
             {k: np.array(v) for k, v in tree_flatten(grads)})
 
 
@@ -440,7 +441,8 @@ def test_reference_is_the_base_model_with_adapters_off(ckpt, adapters, rows):
     assert np.abs(on - plain)[:2 * len(ids)].min() > 1e-2  # and the adapters do change every sequence
     with mlx_pref.adapters_off(model):
         table = mlx_pref.reference_table(model, rows, batch_size=1)
-    check("reference table == in-step [mlx]", table, off[:2 * len(ids)].reshape(-1, 2), atol=0, rtol=1e-6)
+    check("reference table == in-step [mlx]", table, off[:2 * len(ids)].reshape(-1, 2)[np.argsort(ids)], atol=0,
+          rtol=1e-6)
 
     tt = torch_pref._tensors(arrays, "cpu")
     with torch.no_grad():
@@ -485,7 +487,8 @@ def test_packed_equals_one_pair_per_row(ckpt, adapters, pairs, rows):
     model = mlx_ours(ckpt, adapters)
     arrays, ids, _ = _step_inputs(rows)
     t = [mx.array(a) for a in arrays]
-    packed = np.array(mlx_pref.sequence_stats(model, *t[:5], t[6], 2 * len(ids))["logp"])
+    packed = np.array(mlx_pref.sequence_stats(model, *t[:5], t[6], 2 * len(ids))["logp"]).reshape(-1, 2)
+    packed = packed[np.argsort(ids)].reshape(-1)  # local (row) order -> pair order
     alone = []
     for p in pairs:
         *a, _ = pack_pairs([p], SEQ_LEN).take([0])

@@ -102,8 +102,13 @@ def test_pairs_are_packed_whole_with_sft_isolation():
             assert rows.weights[r][at].sum() == mask[1:].sum() and rows.full_weights[r][at].sum() == len(ids) - 1
     assert rows.chosen_targets(np.arange(len(rows))) == sum(len(p.chosen) - 1 for p in pairs)
     *_, local, ids = rows.take([0, 2], slots=rows.max_pairs_per_row * 2)
-    np.testing.assert_array_equal(ids, rows.pairs_in([0, 2]))
+    np.testing.assert_array_equal(np.sort(ids), rows.pairs_in([0, 2]))
     assert set(np.unique(local)) == set(range(-1, 2 * len(ids)))
+    # a repeated row (a batch larger than the data) gets slots of its own: its pairs count twice
+    *_, local, ids = rows.take([1, 1], slots=rows.max_pairs_per_row * 2)
+    n = rows.pair_count([1])
+    assert len(ids) == 2 * n == rows.pair_count([1, 1]) and list(ids[:n]) == list(ids[n:])
+    assert set(np.unique(local[0])) == set(range(-1, 2 * n)) and set(np.unique(local[1])) == {-1, *range(2 * n, 4 * n)}
     with pytest.raises(ValueError, match="pair 0 has .* more than seq_len 8"):
         pack_pairs(pairs[:1], 8)
 
