@@ -151,11 +151,11 @@ def main():
         print(f"{s:5s} pairs/s {m['pairs_per_sec']:7.2f}  peak RSS {m['peak_rss'] / 2**20:7.0f} MiB  "
               f"training adds {m['train_rss'] / 2**20:6.0f} MiB")
     o, t = med["ours"], med["trl"]
-    print(f"ours/TRL: pairs/s x{o['pairs_per_sec'] / t['pairs_per_sec']:.2f}, peak RSS x{o['peak_rss'] / t['peak_rss']:.2f}, "
-          f"training RSS x{o['train_rss'] / t['train_rss']:.2f}")
+    print(f"ours/TRL: pairs/s x{o['pairs_per_sec'] / t['pairs_per_sec']:.2f}, "
+          f"peak RSS x{o['peak_rss'] / t['peak_rss']:.2f}, training RSS x{o['train_rss'] / t['train_rss']:.2f}")
     ours0, trl0 = results["ours"][0], results["trl"][0]
-    print(f"tokens through the model per epoch: ours {ours0['row_tokens']} in rows ({ours0['padding_free_tokens']} real), "
-          f"TRL {trl0['batch_tokens']} in padded batches")
+    print(f"tokens through the model per epoch: ours {ours0['row_tokens']} in rows "
+          f"({ours0['padding_free_tokens']} real), TRL {trl0['batch_tokens']} in padded batches")
     if a.json:
         Path(a.json).write_text(json.dumps({"runs": results, "median": med}, indent=2))
 

@@ -8,8 +8,9 @@ first word is the same and whose length is the closest (the wrong module's / fun
 first token and the length distribution of both sides agree and no surface feature separates them: only
 whether the answer fits the question does. Questions without a same-first-word partner within 40% of the
 length are left out. valid.jsonl holds pairs whose questions come from the chat set's valid and test splits
-and the last 40 conversations of its train split (never in train.jsonl here), and each split draws its wrong answers from its own answers only: no
-held-out pair's rejected answer is an answer that training pushes up.
+and the last 40 conversations of its train split (never in train.jsonl here), and each split draws its
+wrong answers from its own answers only: no held-out pair's rejected answer is an answer that training
+pushes up.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def pairs(convs: list[list[dict]], pool: list[str]) -> list[dict]:
     for msgs in convs:
         right = msgs[-1]["content"]
         first = right.split()[0]
-        cands = [a for a in pool if a != right and a.split()[0] == first and abs(len(a) - len(right)) <= 0.4 * len(right)]
+        cands = [a for a in pool
+                 if a != right and a.split()[0] == first and abs(len(a) - len(right)) <= 0.4 * len(right)]
         if not cands:
             continue
         wrong = min(cands, key=lambda a: (abs(len(a) - len(right)), a))

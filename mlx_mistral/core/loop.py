@@ -309,7 +309,8 @@ class TrainLoop:
         trainable, total = self._counts()
         self._emit({"event": "start", "run_dir": str(self.run_dir), "model": self.model_name,
                     "backend": self.backend, "device": self._device_name(), "fine_tune": cfg.fine_tune,
-                    "objective": cfg.objective, "rank_policy": cfg.rank_policy, "trainable_params": trainable, "total_params": total,
+                    "objective": cfg.objective, "rank_policy": cfg.rank_policy, "trainable_params": trainable,
+                    "total_params": total,
                     "total_steps": cfg.steps, "start_step": start_step, "seq_len": cfg.seq_len,
                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "packing": cfg.packing,
                     "packing_efficiency": self.train_rows.efficiency, "memory_total": self._memory_total()})

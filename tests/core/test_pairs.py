@@ -147,3 +147,21 @@ def test_padded_pair_slots_change_nothing(objective):
 def test_wilson_interval():
     lo, hi = P.accuracy_interval(36, 40)
     assert 0.76 < lo < 0.77 and 0.96 < hi < 0.97  # 36 of 40: (0.7695, 0.9604)
+
+
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_bundled_demo_pairs_have_no_surface_feature(split):
+    """The demo preference set: every pair's two answers start with the same token, and length does not tell
+    them apart (the longer side is the chosen one about half the time)."""
+    from mlx_mistral.core.data import DEMO
+
+    tok = Tokenizer(bundled_tokenizer_path("tokenizer.model.v1"))
+    pairs, _ = load_pairs(DEMO / "preference", tok, split, cache=False)
+    assert len(pairs) >= (150 if split == "train" else 40)
+    n = [p.prompt_len for p in pairs]
+    assert all(p.chosen[k] == p.rejected[k] for p, k in zip(pairs, n))
+    longer = np.mean([len(p.chosen) > len(p.rejected) for p in pairs])
+    assert 0.35 <= longer <= 0.65, longer
+    completions = np.array([(len(p.chosen) - k, len(p.rejected) - k) for p, k in zip(pairs, n)])
+    ratio = completions[:, 0].mean() / completions[:, 1].mean()
+    assert 0.9 <= ratio <= 1.1, ratio
