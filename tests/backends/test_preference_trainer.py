@@ -205,3 +205,19 @@ def test_a_batch_larger_than_the_data_repeats_whole_rows(tmp_path, backend):
         losses[b] = trains(events)[1]
     for k in ("loss", "rewards/accuracies", "logps/chosen"):
         assert losses[2][k] == pytest.approx(losses[1][k], abs=1e-6), k
+
+
+def test_pair_rows_of_one_file_hold_out_val_fraction_of_whole_pairs(tmp_path, monkeypatch):
+    """A single .jsonl: `val_fraction` of the pairs (whole pairs, seeded) become the validation rows."""
+    from mlx_mistral.core.data import DEMO
+    from mlx_mistral.core.pairs import load_pairs
+    from mlx_mistral.core.tokenizer import Tokenizer, bundled_tokenizer_path
+    from mlx_mistral.recipes.finetune import load_pair_rows
+
+    monkeypatch.setenv("MLX_MISTRAL_CACHE", str(tmp_path / "cache"))
+    tok = Tokenizer(bundled_tokenizer_path("tokenizer.model.v1"))
+    cfg = TrainConfig(fine_tune="orpo", data=str(DEMO / "preference" / "train.jsonl"), seq_len=512, val_fraction=0.1)
+    train, val = load_pair_rows(cfg, tok)
+    assert (train.n_pairs, val.n_pairs) == (142, 16)  # 158 pairs, 10% held out
+    real = int((train.segment_ids > 0).sum() + (val.segment_ids > 0).sum())
+    assert real == sum(len(p) for p in load_pairs(cfg.data, tok)[0])  # every pair in exactly one of them
