@@ -51,14 +51,15 @@ $(VENV)/.llama: $(VENV)/.test $(LLAMA_WHEELS)/.built
 	  llama-cpp-python==$(LLAMA_VERSION)
 	touch $@
 
-# The main job: tiny Mistral + bundled chat data -> fine-tune under the dashboard -> eval -> generate -> export.
+# The main job: tiny Mistral -> pre-train -> LoRA fine-tune under the dashboard -> before/after on held-out prompts -> export.
 demo: system-deps $(VENV)/.base
 	$(BIN)/mlx-mistral demo --out demo_out
 
 # The whole test suite (installs the test extras and the portable llama.cpp judge).
-# MLX_MISTRAL_REQUIRE_LLAMA=1: the llama.cpp tests fail instead of skipping when the judge is missing.
+# MLX_MISTRAL_REQUIRE_LLAMA=1 / MLX_MISTRAL_REQUIRE_GO=1: the llama.cpp tests and the Ollama template tests
+# (Go's text/template) fail instead of skipping when llama-cpp-python or Go is missing.
 test: system-deps $(VENV)/.llama
-	MLX_MISTRAL_REQUIRE_LLAMA=1 $(BIN)/python -m pytest -q
+	MLX_MISTRAL_REQUIRE_LLAMA=1 MLX_MISTRAL_REQUIRE_GO=1 $(BIN)/python -m pytest -q
 
 test-fast: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m "not slow and not llama"

@@ -36,17 +36,22 @@ def first_paragraph(doc: str | None, limit: int = 700) -> str | None:
     return text
 
 
+def stdlib_trees(files, skip=SKIP):
+    """(name, ast tree) of each (name, source file) of the standard library, sorted by name, leaving out
+    private and `skip`ped names and files that do not parse (nothing is imported or executed)."""
+    for name, f in sorted(files):
+        if name.startswith("_") or name in skip or name not in sys.stdlib_module_names:
+            continue
+        try:
+            yield name, ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+
+
 def stdlib_modules():
     """(name, module docstring, {public function: docstring}) of the top-level pure-Python stdlib."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    for f in sorted(root.glob("*.py")):
-        name = f.stem
-        if name.startswith("_") or name in SKIP or name not in sys.stdlib_module_names:
-            continue
-        try:
-            tree = ast.parse(f.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
+    for name, tree in stdlib_trees((f.stem, f) for f in root.glob("*.py")):
         funcs = {n.name: ast.get_docstring(n) for n in tree.body
                  if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
         yield name, ast.get_docstring(tree), funcs

@@ -13,10 +13,12 @@ The library API, the same as the CLI (`mlx-mistral --help`):
 - `finetune(config, resume=False, display=None, callbacks=())`: config a `TrainConfig`, dict or YAML path;
   returns the final "end" event; raises ValueError.
 - `load(path_or_repo, backend="mlx", dtype=None)` -> (model, tokenizer); `load_adapters(model, run_dir)`;
-  `generate` / `stream_generate(model, prompt_ids, max_tokens, temp=, top_p=, seed=, stop_ids=)` and
-  `dataset_loss(model, rows)` on a model of either backend.
+  `generate` / `stream_generate(model, prompt_ids, max_tokens, temp=, top_p=, top_k=, min_p=,
+  repetition_penalty=, seed=, stop_ids=, stats=)` and `dataset_loss(model, rows)` on a model of either backend.
 - Exports: `export_hf`, `export_peft`, `export_mlx_lm`, `export_gguf`, `export_gguf_lora`; imports:
   `hf_to_mlx`, `import_peft`, `import_mlx_lm`.
+- `upload(path, repo_id, private=, revision=, ...)`: a run or an export to the Hub with a model card;
+  `write_report(run_dir, out=None)`: the HTML page of a run.
 - Configs: `ModelArgs`, `TrainConfig`, `load_config`; `pick_backend`; `build_tiny` (random tiny models).
 
 Names are imported on first use (PEP 562), so `import mlx_mistral` imports neither MLX nor torch; MLX is
@@ -52,6 +54,8 @@ _API = {
     "TrainConfig": "mlx_mistral.core.train_config",
     "load_config": "mlx_mistral.core.train_config",
     "build_tiny": "mlx_mistral.core.tiny",
+    "upload": "mlx_mistral.recipes.upload",
+    "write_report": "mlx_mistral.recipes.report",
 }
 __all__ = ["__version__", *_API]
 

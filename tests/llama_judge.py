@@ -87,6 +87,16 @@ def quantize(src: str | Path, dst: str | Path, ftype: int, workdir: Path) -> int
     return _call(request, Path(workdir), f"{src} (quantizing to {dst})")[0]["value"]
 
 
+def vocab(model: str | Path, ops: list[dict], workdir: Path) -> list:
+    """Load `model` vocabulary-only (a GGUF with no tensors is enough) and run `ops` in order; one answer per op:
+    {"op": "tokenize", "text": s, "add_bos": b} -> ids, special tokens parsed (as llama-server tokenizes a prompt);
+    {"op": "chat", "template": jinja, "messages": [...], "bos_token": s, "eos_token": s} -> the ids of the prompt
+    llama-cpp-python serves a chat with: rendered by its Jinja2ChatFormatter, tokenized with special tokens and
+    BOS added only when the template did not write it."""
+    request = {"task": "vocab", "model": str(model), "ops": ops}
+    return [a["value"] for a in _call(request, Path(workdir), f"{model} (vocabulary only)")]
+
+
 def system_info(timeout: float = 120) -> str | None:
     """`llama_cpp.llama_print_system_info()` of the installed build (None when not installed)."""
     if not available():
@@ -117,6 +127,20 @@ def _child(request_path: str):
         params.ftype, params.pure = req["ftype"], True
         rc = llama_cpp.llama_model_quantize(req["src"].encode(), req["dst"].encode(), ctypes.byref(params))
         answers.append({"value": int(rc)})
+    elif req["task"] == "vocab":
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llm = llama_cpp.Llama(req["model"], vocab_only=True, verbose=False)
+        for op in req["ops"]:
+            if op["op"] == "tokenize":
+                ids = llm.tokenize(op["text"].encode(), add_bos=op["add_bos"], special=True)
+            elif op["op"] == "chat":
+                fmt = Jinja2ChatFormatter(op["template"], eos_token=op["eos_token"], bos_token=op["bos_token"])
+                result = fmt(messages=op["messages"])
+                ids = llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
+            else:
+                raise ValueError(f"unknown vocab op {op['op']!r}")
+            answers.append({"value": ids})
     else:
         kw = {"lora_path": req["lora_path"]} if req["lora_path"] else {}
         llm = llama_cpp.Llama(req["model"], logits_all=True, type_k=0, type_v=0, flash_attn=False,

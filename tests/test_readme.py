@@ -32,3 +32,25 @@ def test_the_library_script_of_the_readme_runs(tmp_path):
     end = json.loads((runs[0] / "metrics.jsonl").read_text().splitlines()[-1])
     assert end["event"] == "end" and end["reason"] == "done"
     assert list(runs[0].glob("*.gguf")) and r.stdout.strip()
+
+
+def test_the_command_table_lists_every_command():
+    """Every command and subcommand the CLI registers has a row in the README's command table."""
+    import click
+
+    from mlx_mistral.cli import main
+
+    def paths(group, prefix=()):
+        for name, cmd in group.commands.items():
+            if isinstance(cmd, click.Group):
+                yield from paths(cmd, prefix + (name,))
+            else:
+                yield " ".join(prefix + (name,))
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Commands"):]
+    table = table[:table.index("\n\n", table.index("| command |"))]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| `mlx-mistral ")]
+    missing = [p for p in sorted(paths(main)) if not any(f"`mlx-mistral {p} " in r or f"`mlx-mistral {p}`" in r
+                                                         for r in rows)]
+    assert not missing, f"commands missing from the README's command table: {missing}"

@@ -12,7 +12,8 @@ no other branch on the backend:
     load(path_or_repo, dtype=None, ...) -> (model, tokenizer)
     prepare_model(model, cfg, model_name) -> adapter_config dict, or None for full fine-tuning
     Trainer(model, cfg, train, val, run_dir, callbacks, lora_config=, model_name=, group=)   (a core.loop.TrainLoop)
-    generate / stream_generate(model, prompt_ids, max_tokens, temp=, top_p=, seed=, prefill_chunk=, stop_ids=)
+    generate / stream_generate(model, prompt_ids, max_tokens, temp=, top_p=, top_k=, min_p=, repetition_penalty=,
+                               repetition_context=, seed=, prefill_chunk=, stop_ids=, stats=)
     dataset_loss(model, rows, batch_size) -> (mean token loss, loss tokens)
     load_adapters(model, run_dir) -> adapter_config
     init_group() / barrier(group)   (data parallelism: mx.distributed on MLX; torchrun joins in the torch Trainer)

@@ -70,11 +70,23 @@ def export_peft_cmd(adapter, out, base_model):
 @export_group.command("mlx-lm")
 @click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-def export_mlx_lm_cmd(adapter, out):
-    """Adapters in mlx-lm's format (one rank and scale for all modules)."""
+@click.option("--model", "model_path", default=None,
+              help="Base model (directory or repo id): checks the fingerprint and gives the layer count, needed "
+                   "when the adapter does not start at layer 0 and its config does not place it. Default: the "
+                   "run's base model when it is a local directory.")
+def export_mlx_lm_cmd(adapter, out, model_path):
+    """Adapters in mlx-lm's format: `mlx_lm.generate --model BASE --adapter-path OUT`.
+
+    mlx-lm has one rank and one scale for all modules: per-module ranks (rank_policy gqa, rank_pattern) are
+    zero-padded to the largest rank and other scales folded into lora_b, which leaves the function
+    unchanged; `convert mlx-lm-to-mlx` restores the ranks.
+    """
+    from ..core.adapters import read_adapter_config
     from ..export.adapters import export_mlx_lm
 
-    _report(_run(export_mlx_lm, adapter, out))
+    recorded = _run(read_adapter_config, adapter).get("base_model")
+    args = _base_args(model_path, recorded) if model_path or (recorded and Path(recorded).is_dir()) else None
+    _report(_run(export_mlx_lm, adapter, out, args))
 
 
 @export_group.command("gguf")
@@ -147,13 +159,19 @@ def _base_args(model_path, recorded: str | None):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--model", "model_path", default=None,
               help="Base model (directory or repo id) to check shapes against; default: the adapter's base if local.")
-def peft_to_mlx_cmd(src, run_dir, model_path):
+@click.option("--overwrite", is_flag=True, help="Replace a run already in RUN_DIR (its run files are removed).")
+def peft_to_mlx_cmd(src, run_dir, model_path, overwrite):
     """A PEFT LoRA adapter (TRL, Unsloth, ...) to a run directory, to continue training or export."""
     from ..export.adapters import import_peft
 
-    recorded = json.loads((Path(src) / "adapter_config.json").read_text()).get("base_model_name_or_path") \
-        if (Path(src) / "adapter_config.json").exists() else None
-    cfg = _run(import_peft, src, run_dir, _base_args(model_path, recorded))
+    from ..core.io import read_json
+
+    try:
+        recorded = read_json(Path(src) / "adapter_config.json").get("base_model_name_or_path") \
+            if (Path(src) / "adapter_config.json").exists() else None
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    cfg = _run(import_peft, src, run_dir, _base_args(model_path, recorded), overwrite)
     _report({"run_dir": run_dir, "modules": len(cfg["modules"]), "rank_policy": cfg["rank_policy"]})
 
 
@@ -161,10 +179,11 @@ def peft_to_mlx_cmd(src, run_dir, model_path):
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--model", "model_path", default=None, help="Base model to check shapes against.")
-def mlx_lm_to_mlx_cmd(src, run_dir, model_path):
+@click.option("--overwrite", is_flag=True, help="Replace a run already in RUN_DIR (its run files are removed).")
+def mlx_lm_to_mlx_cmd(src, run_dir, model_path, overwrite):
     """An mlx-lm LoRA adapter directory to a run directory."""
     from ..export.adapters import import_mlx_lm
 
-    cfg = _run(import_mlx_lm, src, run_dir, _base_args(model_path, None))
+    cfg = _run(import_mlx_lm, src, run_dir, _base_args(model_path, None), overwrite)
     _report({"run_dir": run_dir, "modules": len(cfg["modules"]), "rank_policy": cfg["rank_policy"]})
 

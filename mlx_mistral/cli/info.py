@@ -16,6 +16,10 @@ def info():
     preload_openblas(torch_first=False)  # this process never uses torch: do not pay its import
     import mlx.core as mx
 
+    from ..backends import pick_backend
+    from ..backends.mlx.trainer import device_name
+
     click.echo(f"mlx-mistral {__version__} on {platform.platform()}")
-    click.echo(f"mlx {mx.__version__}, device {mx.default_device()}")
+    click.echo(f"mlx {mx.__version__}, device {device_name()}")
     click.echo(f"BLAS: {STATUS['loaded'] or 'bundled'} ({STATUS['reason']})")
+    click.echo(f"--backend auto trains with: {pick_backend('auto')}")

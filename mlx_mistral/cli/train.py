@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import click
@@ -30,10 +29,15 @@ def _fail(e: Exception, hint: str | None = None):
                    "tuning on {prompt, chosen, rejected} records (adapters unless pref_weights: full).")
 @click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]),
               help="auto: MLX on Apple silicon, torch with CUDA; on other machines see the README.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its latest checkpoint (flags may change steps, logging, "
+                   "evaluation and saving; anything the checkpoint depends on is refused).")
+@click.option("--overwrite", is_flag=True,
+              help="Start over in an --out that holds a run: its run files (checkpoints, adapters, "
+                   "metrics.jsonl, config.yaml) are removed; a folder with other files is never emptied.")
 @click.option("--no-dashboard", is_flag=True, help="Plain log lines instead of the live dashboard.")
 def train(config_path, model, data, out, steps, seq_len, batch_size, lora_rank, rank_policy, packing, quantize,
-          fine_tune, backend, resume, no_dashboard):
+          fine_tune, backend, resume, overwrite, no_dashboard):
     """Fine-tune with LoRA / QLoRA (or fully) on packed rows, supervised or by preference (DPO, ORPO);
     writes a run directory.
 
@@ -66,44 +70,52 @@ def train(config_path, model, data, out, steps, seq_len, batch_size, lora_rank, 
     except ValueError as e:
         _fail(e, "--backend")
     try:
-        end = finetune(cfg, resume=resume, display="plain" if no_dashboard else "auto")
+        end = finetune(cfg, resume=resume, overwrite=overwrite, display="plain" if no_dashboard else "auto")
     except ValueError as e:
         _fail(e)
-    if end["reason"] == "nan":
+    from ..core.loop import EXIT_CODES
+
+    if end["reason"] in ("nan", "stalled"):
         raise click.ClickException(end["message"])
-    if end["reason"] == "interrupted":
+    if end["reason"] in ("interrupted", "terminated"):
         click.echo(end["message"], err=True)
-        raise SystemExit(130)
+        raise SystemExit(EXIT_CODES[end["reason"]])
 
 
 @click.command("eval")
 @click.option("--model", "model_path", required=True, help="Base model directory or Hub id.")
 @click.option("--adapter", type=click.Path(file_okay=False, exists=True), help="Run directory with adapters.")
 @click.option("--data", required=True, help="Dataset directory or .jsonl file.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
-@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
+@click.option("--split", default="all", show_default=True, type=click.Choice(["all", "train", "valid", "test"]),
+              help="all: every split the dataset has.")
+@click.option("--seq-len", default=None, type=click.IntRange(min=2),
+              help="Tokens per packed row  [default: the run's, else 2048].")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]),
               help="auto: MLX on Apple silicon, torch with CUDA; on other machines see the README.")
 def eval_cmd(model_path, adapter, data, split, seq_len, batch_size, backend):
-    """Loss and perplexity of a model (with an adapter) on a dataset split."""
+    """Loss and perplexity of a model (with an adapter) on each split of a dataset, on the rows and loss masks
+    training used (the run's config.yaml: packing, row length, and for chats the loss on the assistant turns)."""
     from ..backends import load, load_adapters
     from ..core.data import resolve_split
-    from ..recipes.finetune import split_loss
+    from ..recipes.finetune import evaluate
 
     try:
         model, tok = load(model_path, backend=backend or "auto")
         if adapter:
             load_adapters(model, adapter)
-        if split != "train":  # the train split is checked where it is read, with its own message
+        if split not in ("all", "train"):  # the train split is checked where it is read, with its own message
             try:
                 resolve_split(data, split)
             except ValueError:
                 raise click.BadParameter(f"{data} has no {split} split ({split}.jsonl)", param_hint="--split") from None
-        loss, count = split_loss(model, tok, data, split, seq_len, batch_size)
+        splits = ("train", "valid", "test") if split == "all" else (split,)
+        run_dir = adapter or (model_path if (Path(model_path) / "config.yaml").is_file() else None)
+        results = evaluate(model, tok, data, splits, run_dir=run_dir, seq_len=seq_len, batch_size=batch_size)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"{split}: loss {loss:.4f}  ppl {math.exp(min(loss, 700)):.3f}  ({int(count)} loss tokens)")
+    for name, r in results.items():
+        click.echo(f"{name}: loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  ({r['tokens']} loss tokens)")
 
 
 @click.command("plan")

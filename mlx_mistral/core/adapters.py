@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import ModelArgs
-from .io import read_safetensors, save_safetensors, write_json
+from .io import read_json, read_safetensors, save_safetensors, write_json
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -138,7 +138,18 @@ def plan_modules(args: ModelArgs, targets="all-linear", num_layers: int = -1, ra
             if r < 1:
                 raise ValueError(f"rank of {name} must be >= 1, got {r} (from rank_pattern)")
             n_in, n_out = module_shape(args, t)
+            if r > min(n_in, n_out):
+                raise ValueError(f"rank {r} of {name} is above its smaller dimension min(in, out) = "
+                                 f"{min(n_in, n_out)}: a LoRA update of (in, out) = ({n_in}, {n_out}) has rank at "
+                                 f"most {min(n_in, n_out)}; lower lora_rank (or its rank_pattern entry)")
             out[name] = ModuleSpec(r, a, n_in, n_out)
+    for key_name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        unused = [k for k in (pattern or {}) if not any(re.match(rf"(.*\.)?({k})$", n) for n in out)]
+        if unused:
+            example = next(iter(out), "model.layers.0.self_attn.q_proj")
+            raise ValueError(f"{key_name} entr{'y' if len(unused) == 1 else 'ies'} {', '.join(map(repr, unused))} "
+                             f"match no adapted module (module names look like {example!r}; a key matches the end "
+                             "of a name, as a regex, as in PEFT)")
     return out
 
 
@@ -209,7 +220,7 @@ def read_adapter_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "adapter_config.json"
     if not path.exists():
         raise ValueError(f"{run_dir} has no adapter_config.json: not an mlx-mistral run directory")
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path)
     if cfg.get("format") != ADAPTER_FORMAT or cfg.get("version") != 1:
         raise ValueError(f"{path}: format {cfg.get('format')!r} version {cfg.get('version')!r}; expected "
                          f"{ADAPTER_FORMAT!r} version 1")

@@ -29,7 +29,9 @@ from .io import atomic_path, write_json
 from .tokenizer import Tokenizer
 
 SPLITS = ("train", "valid", "test")
-DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"  # the bundled demo chat dataset (make demo)
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"  # a bundled chat dataset (tests, README examples)
+# What `make demo` trains on: pretrain/ and tagged/ datasets and their 4k-piece tokenizer (bench/make_tag_demo_data.py)
+DEMO_TAGS = Path(__file__).resolve().parents[1] / "data" / "demo_tags"
 LOSS_ON = ("default", "all", "last")  # default: assistant turns / the completion / all of a text
 CACHE_VERSION = 1
 _SHAPES = '{"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]}'

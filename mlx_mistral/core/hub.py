@@ -10,11 +10,15 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from .io import read_json
 from .tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
 
 
 def _is_repo_id(s: str) -> bool:
     return not s.startswith((".", "/", "~")) and s.count("/") == 1
+
+
+is_repo_id = _is_repo_id  # "owner/name", not a path: what the model card and upload call a Hub id
 
 
 def resolve_path(path_or_repo: str | Path) -> Path:
@@ -54,7 +58,16 @@ def weight_files(model_dir: Path) -> list[Path]:
     `consolidated*.safetensors`, or any `*.safetensors` but adapters (never pickled `.bin`/`.pt`)."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map")
+        files = sorted(set(weight_map.values()))
+        root = model_dir.resolve()
+        outside = [f for f in files if not isinstance(f, str) or Path(f).is_absolute()
+                   or root not in (model_dir / f).resolve().parents]
+        if outside:
+            raise ValueError(f"{index} points outside the model folder ({', '.join(map(str, outside[:3]))}); "
+                             "shards must be files inside it")
         missing = [f for f in files if not (model_dir / f).exists()]
         if missing:
             raise ValueError(f"{index} lists shards that are not there: {', '.join(missing)}")

@@ -36,6 +36,22 @@ def atomic_path(path: str | Path, suffix: str | None = None):
             tmp.unlink()
 
 
+def read_json(path: str | Path, what: str = "JSON") -> dict:
+    """A JSON object from `path`; ValueError naming the file for a missing, unreadable or invalid one."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid {what} (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(obj).__name__}")
+    return obj
+
+
 def write_json(path: str | Path, obj, indent: int = 2):
     """Write `obj` as JSON to `path` atomically."""
     with atomic_path(path, suffix=".tmp") as tmp:

@@ -15,9 +15,14 @@ Notable:
   and the data position. Nothing random is stateful: the data order of epoch e is a permutation seeded
   by (seed, e), and dropout's key is re-seeded from (seed, step, micro-step, rank) before every
   micro-step, so step s computes the same thing whether or not the run stopped before it.
-- Ctrl-C (SIGINT) finishes the current optimizer step, writes a checkpoint and ends with reason
-  "interrupted"; a NaN/inf loss ends with reason "nan" before the bad update is applied, keeping the
-  last good checkpoint.
+- Ctrl-C (SIGINT) and SIGTERM (schedulers, `docker stop`) finish the current optimizer step, write a
+  checkpoint and end with reason "interrupted" (the writes are atomic, so a second signal or a kill
+  mid-write loses only that checkpoint).
+- A checkpoint counts as good (`checkpoints.mark_verified`) once its weights have produced a finite loss:
+  the next step's, or a forward pass over the next batch at the end of the run. A NaN/inf loss ends with
+  reason "nan" before the bad update is applied; the unverified checkpoints (the weights that produced
+  it) are deleted and the run's outputs restored from the last good one. Gradients exactly zero for
+  `STALL_STEPS` steps after warm-up (a collapsed model: its loss sits at ln(vocab)) end with "stalled".
 
 Events (plain dicts, to callbacks and to `metrics.jsonl`): "start", "train", "eval", "checkpoint", "end";
 their keys are the shared interface documented in the project's trainer contract.
@@ -40,11 +45,16 @@ import numpy as np
 
 from . import checkpoints
 from . import preference as pref
-from .adapters import config_for, plan_for_config
+from .adapters import config_for, fingerprint, plan_for_config
 from .io import write_json
 from .packing import next_token_targets
 from .schedule import warmup_cosine
 from .train_config import TrainConfig
+
+#: Optimizer steps after warm-up with a gradient norm of exactly 0 before a run is declared stalled.
+STALL_STEPS = 5
+#: How a run that ended this way should exit (the CLI's exit status; 0 for "done").
+EXIT_CODES = {"done": 0, "nan": 1, "stalled": 1, "interrupted": 130, "terminated": 143}
 
 
 # ---- data order: pure functions of (seed, step) -----------------------------------------------------------
@@ -159,7 +169,9 @@ class TrainLoop:
         self.rank, self.world = rank, world
         self.callbacks = list(callbacks) if rank == 0 else []
         self.save_full = save_full  # callable(dir) writing a full model (full fine-tuning)
+        self.resume_changes: dict = {}  # free keys changed by --resume {key: [saved, now]} (recipes/finetune.py)
         self._stop = False
+        self._signal = None
         self.global_batch = cfg.batch_size * cfg.grad_accum * world
         if len(train) == 0:
             raise ValueError("no training rows: the dataset is empty after packing")
@@ -234,13 +246,24 @@ class TrainLoop:
                                                     gather_pairs(self.cfg.objective, per_pair, pair_ids))
         return loss
 
-    def load_checkpoint(self) -> dict | None:
-        """Restore the latest complete checkpoint of the run directory; returns its state or None."""
-        path = checkpoints.latest(self.run_dir)
+    def load_checkpoint(self, path: Path | None = None) -> dict | None:
+        """Restore checkpoint `path` (default: the latest complete one); returns its state or None. A
+        checkpoint of another model, shape or batch, or a damaged one, is a ValueError naming it."""
+        path = path or checkpoints.latest(self.run_dir)
         if path is None:
             return None
         state = checkpoints.read_state(path, self.global_batch)
-        self._restore(path)
+        saved_fp, fp = state.get("fingerprint"), fingerprint(self.model.args)
+        if saved_fp is not None and saved_fp != fp:
+            raise ValueError(f"{path} was trained on another model (architecture fingerprint {saved_fp}, this "
+                             f"model's is {fp}); resume with the run's own model")
+        try:
+            self._restore(path)
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors / MLX / torch errors of a damaged file
+            raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged: delete "
+                             f"it to resume from the one before it") from None
         return state
 
     def stop(self):
@@ -260,6 +283,7 @@ class TrainLoop:
         directory and renamed into place (see checkpoints.py); then the run's current result."""
         state = {"step": step, "data_position": step * self.global_batch, "seed": self.cfg.seed,
                  "global_batch": self.global_batch, "backend": self.backend,
+                 "fingerprint": fingerprint(self.model.args),
                  "rng": "stateless: data order from (seed, epoch), dropout from (seed, step, micro, rank)",
                  **extra}
         final = checkpoints.write(self.run_dir, step, state, self._write_tensors, self.cfg.keep_checkpoints)
@@ -281,24 +305,64 @@ class TrainLoop:
         """Train to `cfg.steps` (from the latest checkpoint when `resume`); returns the "end" event."""
         start_step, tokens, elapsed0, best_val = 0, 0, 0.0, None
         if resume:
-            state = self.load_checkpoint()
-            if state is None:
+            path = checkpoints.latest(self.run_dir)
+            if path is None:
                 raise ValueError(f"--resume: {self.run_dir}/checkpoints has no complete checkpoint")
+            state = dict(self.load_checkpoint(path), path=path)
             start_step, tokens = state["step"], state["tokens"]
             elapsed0, best_val = state["elapsed"], state["best_val_loss"]
-        old_handler = None
+            self._emit({"event": "resume", "step": start_step, "checkpoint": str(state["path"]),
+                        "changed": self.resume_changes})
+        old_handlers = {}
         if threading.current_thread() is threading.main_thread():
-            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             return self._loop(start_step, tokens, elapsed0, best_val)
         finally:
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
 
-    def _on_sigint(self, signum, frame):
-        if self._stop:  # a second Ctrl-C: stop now, without the checkpoint
+    def _verify(self, step: int):
+        """The weights of checkpoint `step` (if one was written) just produced a finite loss: mark it good."""
+        if self.rank == 0:
+            path = self.run_dir / "checkpoints" / f"step-{step:07d}"
+            if (path / "state.json").exists() and not checkpoints.is_verified(path):
+                checkpoints.mark_verified(path)
+
+    def _final_loss(self, step: int) -> float:
+        """The loss of the final weights on the next step's first micro-batch (a forward pass only), which
+        verifies the final checkpoint."""
+        rows = micro_rows(batch_rows(self.cfg.seed, step, self.global_batch, len(self.train_rows)), 0,
+                          self.rank, self.world, self.cfg.batch_size)
+        self.model.eval()
+        total, count = self._loss_sums(self.train_rows, [rows])
+        self.model.train()
+        loss = total / max(count, 1.0)
+        if math.isfinite(loss):
+            self._verify(step)
+        return loss
+
+    def _diverged(self, what: str) -> str:
+        """After a non-finite loss: delete the checkpoints whose weights were never shown to give a finite
+        loss, restore the last good one's weights and outputs; the end message."""
+        good = checkpoints.latest_verified(self.run_dir)
+        dropped = checkpoints.drop_unverified(self.run_dir) if self.rank == 0 else []
+        if good is not None:
+            self._restore(good)
+            if self.rank == 0:
+                self.save_outputs()
+        kept = (f"the last good checkpoint is {good} (the run's adapters were restored from it)" if good else
+                "no checkpoint had produced a finite loss")
+        gone = f"; deleted {', '.join(p.name for p in dropped)}, whose weights diverged" if dropped else ""
+        return (f"{what}; stopped before applying that update, {kept}{gone}. "
+                "Lower the learning rate (lr), enable grad_clip, or check the data.")
+
+    def _on_signal(self, signum, frame):
+        if self._stop:  # a second Ctrl-C / SIGTERM: stop now, without the checkpoint
             raise KeyboardInterrupt
         self._stop = True
+        self._signal = signum
 
     def _loop(self, start_step, tokens, elapsed0, best_val) -> dict:
         cfg = self.cfg
@@ -322,22 +386,21 @@ class TrainLoop:
             return {"tokens": tokens, "elapsed": time.perf_counter() - t0, "best_val_loss": best_val,
                     "last_loss": last_loss}
 
+        zero_grads = 0  # consecutive steps after warm-up whose gradient norm was exactly 0
         while step < cfg.steps:
             lr = warmup_cosine(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
             loss_v, update, n_tok = self.train_step(step)
             if not math.isfinite(loss_v):
-                reason = "nan"
-                ck = last_ckpt or checkpoints.latest(self.run_dir)
-                kept = f"the last good checkpoint is {ck}" if ck else "no checkpoint was written before it"
-                message = (f"loss is {loss_v} at step {step + 1}; stopped before applying that update, {kept}. "
-                           "Lower the learning rate (lr), enable grad_clip, or check the data.")
+                reason, message = "nan", self._diverged(f"loss is {loss_v} at step {step + 1}")
                 break
+            self._verify(step)
             norm = update(lr)
             step += 1
             tokens += n_tok
             last_loss = loss_v
             for k, v in self.step_metrics.items():
                 logged.setdefault(k, []).append(v)
+            zero_grads = zero_grads + 1 if step > cfg.warmup_steps and norm == 0.0 else 0
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 dt = max(now - t_log, 1e-9)
@@ -350,6 +413,14 @@ class TrainLoop:
                             **{k: float(np.mean(v)) for k, v in logged.items()}})
                 t_log, tok_log, step_log = now, tokens, step
                 logged = {}
+            if zero_grads >= STALL_STEPS:
+                ln_v = math.log(self.model.args.vocab_size)
+                reason = "stalled"
+                message = (f"the gradients have been exactly 0 for {zero_grads} steps (steps {step - zero_grads + 1}-"
+                           f"{step}) at loss {loss_v:.4f} (ln(vocab) = {ln_v:.4f}): the model has collapsed and "
+                           f"cannot learn any more. Lower the learning rate (lr = {cfg.lr:g}) and start again; "
+                           f"checkpoints written after step {step - zero_grads} hold the collapsed model.")
+                break
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 val = self.evaluate()
                 if val is not None:
@@ -366,8 +437,15 @@ class TrainLoop:
                 message = (f"interrupted after step {step}; checkpoint {last_ckpt}. Resume with: "
                            f"mlx-mistral train{flag} --out {self.run_dir} --resume")
                 break
+        if reason == "done":  # the final checkpoint (always written) is verified by one more forward pass
+            final = self._final_loss(step)
+            if not math.isfinite(final):
+                reason, message = "nan", self._diverged(f"the final weights give a loss of {final}")
         if reason == "done":
             message = f"trained {step} steps; adapters in {self.run_dir}"
+        elif reason == "interrupted" and self._signal == signal.SIGTERM:
+            reason = "terminated"
+            message = message.replace("interrupted", "terminated (SIGTERM)", 1)
         end = {"event": "end", "step": step, "reason": reason, "elapsed": time.perf_counter() - t0,
                "final_loss": last_loss, "best_val_loss": best_val, "tokens": tokens,
                "peak_memory": self._memory()[0], "run_dir": str(self.run_dir),

@@ -89,30 +89,44 @@ def encode_pair(tok: Tokenizer, rec, version: str | None = None) -> Pair:
     raise ValueError("'prompt', 'chosen' and 'rejected' must be all strings or all lists of messages")
 
 
-def tokenize_pairs_file(path: Path, tok: Tokenizer, progress: Callable[[int, int], None] | None = None) -> list[Pair]:
-    """Every line of a preference JSONL file as a `Pair`; a bad line is a ValueError `file:line: what`."""
+def tokenize_pairs_file(path: Path, tok: Tokenizer, progress: Callable[[int, int], None] | None = None,
+                        formats: dict | None = None) -> list[Pair]:
+    """Every line of a preference JSONL file as a `Pair`; a bad line is a ValueError `file:line: what`.
+    `formats`, when given, counts the record shapes ("chat": message lists, "completion": text)."""
     encoded, _ = encode_jsonl(path, lambda rec: encode_pair(tok, rec), _SHAPE, progress=progress)
     if not encoded:
         raise ValueError(f"{path}: no preference pairs (the file is empty)")
+    if formats is not None:
+        for rec, _ in encoded:
+            k = "completion" if isinstance(rec["prompt"], str) else "chat"
+            formats[k] = formats.get(k, 0) + 1
     return [pair for _, pair in encoded]
 
 
 def load_pairs(path: str | Path, tok: Tokenizer, split: str = "train", cache: bool = True,
-               progress: Callable[[int, int], None] | None = None) -> tuple[list[Pair], Path | None]:
+               progress: Callable[[int, int], None] | None = None,
+               formats: dict | None = None) -> tuple[list[Pair], Path | None]:
     """(pairs of one split, their cache directory or None). Cached like SFT's documents (data.py): two
     documents per pair (chosen 2k, rejected 2k + 1) with their completion masks, keyed by the data and
-    tokenizer hashes; the reference log-probs of full fine-tuning are stored in the same directory."""
+    tokenizer hashes; the reference log-probs of full fine-tuning are stored in the same directory.
+    `formats`, when given, counts the record shapes ("chat", "completion")."""
     f = resolve_split(path, split)
     entry = Path(cache_root()) / "datasets" / _cache_key(f, tok, {"kind": "pairs"}) if cache else None
     if entry is not None and (entry / "meta.json").exists():
-        docs, masks, _ = _read_cache(entry)
+        docs, masks, meta = _read_cache(entry)
+        for k, n in meta["stats"].get("formats", {}).items() if formats is not None else ():
+            formats[k] = formats.get(k, 0) + n
         return [Pair(docs[i], masks[i], docs[i + 1], masks[i + 1]) for i in range(0, len(docs), 2)], entry
-    pairs = tokenize_pairs_file(f, tok, progress)
+    seen: dict[str, int] = {}
+    pairs = tokenize_pairs_file(f, tok, progress, seen)
+    if formats is not None:
+        for k, n in seen.items():
+            formats[k] = formats.get(k, 0) + n
     if entry is not None:
         docs = [a for p in pairs for a in (p.chosen, p.rejected)]
         masks = [a for p in pairs for a in (p.chosen_mask, p.rejected_mask)]
         _write_cache(entry, docs, masks, {"options": {"kind": "pairs"},
-                                          "stats": {"file": str(f), "n_pairs": len(pairs)}})
+                                          "stats": {"file": str(f), "n_pairs": len(pairs), "formats": seen}})
     return pairs, entry
 
 

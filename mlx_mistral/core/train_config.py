@@ -8,8 +8,10 @@ which coerces values the way people write them and rejects the rest with a messa
   booleans are never numbers (`seq_len: true` is an error).
 - Ranges and choices are checked per key, then the combinations (`full` fine-tuning with `quantize`).
 
-`resume` says what `--resume` may change: "free" keys (how long, how often to log/eval/save, which backend
-and whether to compile or checkpoint layers) may differ from the run's saved config and are recorded;
+`resume` says what `--resume` may change: "free" keys (how long, the learning-rate schedule and clipping,
+how often to log/eval/save, which backend and whether to compile or checkpoint layers) may differ from the
+run's saved config and are recorded in metrics.jsonl (a "resume" event; the run is then no longer the
+bit-exact continuation of the old settings, by the user's choice);
 "fixed" keys decide what the checkpoint holds or which rows each step sees, so a difference is refused
 before anything is written; `model` may name another path or id of the same model ("fingerprint": the
 architecture hash of the checkpoint is compared instead).
@@ -98,16 +100,17 @@ class TrainConfig:
     # DPO / ORPO (null = the objective's default): 5e-6 for adapters (alignment-handbook's zephyr-7b-dpo-qlora
     # recipe), 1e-6 for full (TRL's DPOConfig default). Taken from those recipes, not measured here.
     lr: float = key(None, "Peak learning rate; null = the objective's default: 1.4e-4 for SFT, 5e-6 for dpo / "
-                          "orpo adapters, 1e-6 for full dpo / orpo", kind="float", min=0, nullable=True)
-    warmup_steps: int = key(50, "Linear warm-up steps", kind="int", min=0)
+                          "orpo adapters, 1e-6 for full dpo / orpo", kind="float", min=0, nullable=True,
+                    resume="free")
+    warmup_steps: int = key(50, "Linear warm-up steps", kind="int", min=0, resume="free")
     min_lr_ratio: float = key(0.1, "Final learning rate of the cosine schedule, as a fraction of lr", kind="float",
-                              min=0, max=1)
-    weight_decay: float = key(0.01, "AdamW's decoupled weight decay", kind="float", min=0)
+                              min=0, max=1, resume="free")
+    weight_decay: float = key(0.01, "AdamW's decoupled weight decay", kind="float", min=0, resume="free")
     beta1: float = key(0.9, "AdamW beta1", kind="float", min=0, max=1, max_open=True)
     beta2: float = key(0.999, "AdamW beta2", kind="float", min=0, max=1, max_open=True)
     eps: float = key(1e-8, "AdamW epsilon", kind="float", min=0, min_open=True)
     bias_correction: bool = key(True, "AdamW bias correction (PyTorch's and HF's behaviour)", kind="bool")
-    grad_clip: float = key(1.0, "Clip the global gradient norm to this; 0 = off", kind="float", min=0)
+    grad_clip: float = key(1.0, "Clip the global gradient norm to this; 0 = off", kind="float", min=0, resume="free")
     grad_checkpoint: bool = key(False, "Recompute each layer in the backward pass instead of storing its "
                                        "activations", kind="bool", resume="free")
     compile: bool = key(True, "Compile the training step (mx.compile; torch.compile on CUDA)", kind="bool",

@@ -3,8 +3,8 @@
 Orientation: ours and mlx-lm's store `lora_a` (in, r) and `lora_b` (r, out); PEFT stores
 `lora_A.weight` (r, in) = lora_a.T and `lora_B.weight` (out, r) = lora_b.T, under
 `base_model.model.<module>`. Scales: ours and PEFT's are alpha / r per module (PEFT's rsLoRA scales by
-alpha / sqrt(r) and is imported with alpha * sqrt(r)); mlx-lm stores the scale itself, one for all
-modules, so only adapters with one rank and one scale export to it.
+alpha / sqrt(r) and is imported with alpha * sqrt(r)); mlx-lm stores the scale itself, one rank and one
+scale for all modules: per-module ranks are zero-padded to the largest and other scales folded into lora_b.
 PEFT per-module ranks go to `rank_pattern` / `alpha_pattern`, keyed by projection name when every layer
 agrees and by full module name otherwise.
 """
@@ -23,7 +23,8 @@ from ..backends.mlx.loader import load_safetensors, save_safetensors
 from ..core.adapters import (ADAPTER_FORMAT, fingerprint, module_shape, pattern_value, policy_rank,
                              read_adapters)
 from ..core.config import ModelArgs
-from ..core.io import write_json
+from ..core.io import read_json, write_json
+from ..core.rundir import claim
 
 _MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)")
 PEFT_PREFIX = "base_model.model."
@@ -102,7 +103,9 @@ def _policy_of(args: ModelArgs | None, modules: dict, rank: int, alpha: float) -
 
 
 def _write_run(run_dir, modules: dict, tensors: dict, args: ModelArgs | None, base_model: str, rank: int,
-               alpha: float, dropout: float, source: str) -> dict:
+               alpha: float, dropout: float, source: str, overwrite: bool = False) -> dict:
+    """An imported adapter as a run directory: refused when `run_dir` already holds a run, unless
+    `overwrite` (which removes that run's files first; see core/rundir.py)."""
     layers = sorted({_split(n)[0] for n in modules})
     n_layers = args.num_hidden_layers if args else None
     num_layers = -1 if n_layers and layers == list(range(n_layers)) else (
@@ -120,20 +123,22 @@ def _write_run(run_dir, modules: dict, tensors: dict, args: ModelArgs | None, ba
            "fine_tune": "lora", "targets": sorted({_split(n)[1] for n in modules}), "num_layers": num_layers,
            "rank_policy": _policy_of(args, modules, rank, alpha), "rank": rank, "alpha": alpha,
            "dropout": dropout, "modules": modules, "imported_from": source}
-    run_dir = Path(run_dir)
-    save_safetensors(run_dir / "adapters.safetensors", tensors, metadata={"format": ADAPTER_FORMAT})
-    write_json(run_dir / "adapter_config.json", cfg)
+    with claim(run_dir, overwrite=overwrite):
+        run_dir = Path(run_dir)
+        save_safetensors(run_dir / "adapters.safetensors", tensors, metadata={"format": ADAPTER_FORMAT})
+        write_json(run_dir / "adapter_config.json", cfg)
     return cfg
 
 
-def import_peft(src_dir, run_dir, args: ModelArgs | None = None) -> dict:
+def import_peft(src_dir, run_dir, args: ModelArgs | None = None, overwrite: bool = False) -> dict:
     """A PEFT LoRA adapter directory (e.g. from TRL or Unsloth) -> our run directory; returns its config.
-    `args` (the base model's) checks shapes and sets the fingerprint."""
+    `args` (the base model's) checks shapes and sets the fingerprint; an existing run in `run_dir` is
+    refused unless `overwrite`."""
     src_dir = Path(src_dir)
     cfg_path = src_dir / "adapter_config.json"
     if not cfg_path.exists():
         raise ValueError(f"{src_dir} has no adapter_config.json: not a PEFT adapter directory")
-    pc = json.loads(cfg_path.read_text())
+    pc = read_json(cfg_path)
     if pc.get("peft_type", "LORA").upper() != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {pc.get('peft_type')!r}; only LORA adapters can be imported")
     for key, bad, why in (("use_dora", True, "DoRA magnitudes are not supported"),
@@ -177,70 +182,143 @@ def import_peft(src_dir, run_dir, args: ModelArgs | None = None) -> dict:
         raise ValueError(f"{path} holds no LoRA tensors")
     base = pc.get("base_model_name_or_path") or ""
     return _write_run(run_dir, modules, tensors, args, base, r0, alpha0, float(pc.get("lora_dropout", 0.0)),
-                      str(src_dir))
+                      str(src_dir), overwrite)
 
 
 # ---- mlx-lm -------------------------------------------------------------------------------------------
-def export_mlx_lm(run_dir, out_dir) -> dict:
+MLX_LM_RECORD = "mlx_mistral"  # our key in mlx-lm's adapter_config.json (mlx-lm ignores keys it does not read)
+
+
+def _mlx_lm_layers(cfg: dict, layers: list[int], args: ModelArgs | None, run_dir) -> tuple[int, list[int]]:
+    """(mlx-lm's `num_layers`, the layers it then adapts). mlx-lm adapts the last `num_layers` layers
+    (-1: all of them); ours may adapt any set, so the adapted span runs from our first layer to the last."""
+    if args is not None:
+        n = args.num_hidden_layers
+        if cfg.get("base_fingerprint") and cfg["base_fingerprint"] != fingerprint(args):
+            raise ValueError(f"{run_dir}: the adapter was trained on another base model (fingerprint "
+                             f"{cfg['base_fingerprint']}, the given model has {fingerprint(args)})")
+        if layers[-1] >= n:
+            raise ValueError(f"{run_dir}: the adapter has layer {layers[-1]}, the base model {n} layers")
+        return (-1 if layers[0] == 0 else n - layers[0]), list(range(layers[0], n))
+    if layers[0] == 0:  # every layer from the first: mlx-lm's -1 (any layer past ours gets mlx-lm's B = 0)
+        return -1, list(range(layers[-1] + 1))
+    trained = cfg.get("num_layers", -1)  # the run adapted its last `trained` layers
+    if trained > 0 and layers[-1] - layers[0] < trained:
+        return trained, list(range(layers[-1] - trained + 1, layers[-1] + 1))
+    raise ValueError(f"{run_dir}: the adapter starts at layer {layers[0]} and its config does not say how many "
+                     "layers the base model has; give the base model (--model) so the export can place the "
+                     "layers mlx-lm adapts (the last num_layers)")
+
+
+def export_mlx_lm(run_dir, out_dir, args: ModelArgs | None = None) -> dict:
     """Write mlx-lm's adapter directory (`mlx_lm.load(model, adapter_path=...)`, `mlx_lm.fuse`).
-    mlx-lm has one rank and one scale for every module and adapts the last `num_layers` layers."""
-    cfg, _, weights = read_adapters(run_dir, mx.load)
+
+    mlx-lm has one rank R and one scale S for every module, on the same projections (`keys`) of the last
+    `num_layers` layers. Per-module ranks (the `gqa` policy, rank_pattern) are zero-padded up to R: lora_a
+    (in, r) gets R - r zero columns and lora_b (r, out) R - r zero rows, so x @ A @ B is unchanged. A module
+    whose scale s = alpha / r differs from S has s / S folded into its lora_b. A projection the run did not
+    adapt in a layer mlx-lm adapts gets zero tensors. The result computes the same function as the run.
+    Each module's own rank and alpha are recorded under "mlx_mistral" so `import_mlx_lm` restores them.
+    `args` (the base model's) checks the fingerprint and gives the layer count; without it the run's config
+    must place the layers."""
+    cfg, specs, weights = read_adapters(run_dir, mx.load)
     modules = cfg["modules"]
-    ranks = {m["rank"] for m in modules.values()}
-    scales = {m["alpha"] / m["rank"] for m in modules.values()}
-    if len(ranks) != 1 or len(scales) != 1:
-        raise ValueError(f"{run_dir}: modules have ranks {sorted(ranks)} and scales {sorted(scales)}; mlx-lm's "
-                         "format has one rank and one scale. Export to PEFT instead (rank_pattern keeps them).")
+    if not modules:
+        raise ValueError(f"{run_dir}: the adapter has no modules")
     layers = sorted({_split(n)[0] for n in modules})
     keys = sorted({n.split(".", 3)[3] for n in modules})  # "self_attn.q_proj"
-    grid = {f"model.layers.{i}.{k}" for i in layers for k in keys}
-    if grid != set(modules) or layers != list(range(layers[0], layers[0] + len(layers))):
-        raise ValueError(f"{run_dir}: mlx-lm adapts the same projections in the last N layers; this adapter's "
-                         "modules do not form that grid")
-    if cfg.get("num_layers", -1) == -1 and layers[0] != 0:
-        raise ValueError(f"{run_dir}: adapter_config.json says all layers but layer 0 has no adapter")
-    # mlx-lm adapts the last `num_layers` layers; ours were the last ones too (or all of them)
-    mlx_cfg = {"fine_tune_type": "lora", "num_layers": len(layers),
-               "lora_parameters": {"rank": ranks.pop(), "scale": scales.pop(), "dropout": cfg.get("dropout", 0.0),
-                                   "keys": keys},
-               "model": cfg.get("base_model")}
+    num_layers, span = _mlx_lm_layers(cfg, layers, args, run_dir)
+    rank = max(s.rank for s in specs.values())
+    scales = Counter(s.alpha / s.rank for s in specs.values())
+    scale = max(scales, key=lambda s: (scales[s], s))  # the most common: those modules' lora_b are unchanged
+    shape = {n.split(".", 3)[3]: (s.n_in, s.n_out) for n, s in specs.items()}
+    dtype = next(iter(weights.values())).dtype
+    tensors, padded, folded, zero = {}, 0, 0, 0
+    for i in span:
+        for key in keys:
+            name = f"model.layers.{i}.{key}"
+            n_in, n_out = shape[key]
+            s = specs.get(name)
+            if s is None:
+                a, b = mx.zeros((n_in, rank), dtype), mx.zeros((rank, n_out), dtype)  # (in, R), (R, out)
+                zero += 1
+            else:
+                a, b = weights[f"{name}.lora_a"], weights[f"{name}.lora_b"]  # (in, r), (r, out)
+                if s.alpha / s.rank != scale:
+                    b = (b.astype(mx.float32) * (s.alpha / s.rank / scale)).astype(b.dtype)  # (r, out)
+                    folded += 1
+                if s.rank < rank:
+                    a = mx.concatenate([a, mx.zeros((n_in, rank - s.rank), a.dtype)], axis=1)  # (in, R)
+                    b = mx.concatenate([b, mx.zeros((rank - s.rank, n_out), b.dtype)], axis=0)  # (R, out)
+                    padded += 1
+            tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"] = a, b
+    mlx_cfg = {"fine_tune_type": "lora", "num_layers": num_layers,
+               "lora_parameters": {"rank": rank, "scale": scale, "dropout": cfg.get("dropout", 0.0), "keys": keys},
+               "model": cfg.get("base_model"),
+               MLX_LM_RECORD: {"format": ADAPTER_FORMAT, "base_fingerprint": cfg.get("base_fingerprint", ""),
+                               "modules": {n: {"rank": m["rank"], "alpha": m["alpha"]} for n, m in modules.items()}}}
     out_dir = Path(out_dir)
-    save_safetensors(out_dir / "adapters.safetensors", weights)
+    save_safetensors(out_dir / "adapters.safetensors", tensors)
     write_json(out_dir / "adapter_config.json", mlx_cfg)
-    return {"out": str(out_dir), "modules": len(modules), "num_layers": mlx_cfg["num_layers"]}
+    return {"out": str(out_dir), "modules": len(modules), "num_layers": num_layers, "rank": rank, "scale": scale,
+            "padded": padded, "scale_folded": folded, "zero_modules": zero}
 
 
-def import_mlx_lm(src_dir, run_dir, args: ModelArgs | None = None) -> dict:
-    """mlx-lm's adapter directory (LoRA, not DoRA) -> our run directory."""
+def _unpad(name: str, a, b, record: dict | None, scale: float, where: str):
+    """(lora_a, lora_b, rank, alpha) of one module read from mlx-lm: trimmed back to the rank recorded by
+    `export_mlx_lm` when the padding is still zero (training in mlx-lm may have filled it)."""
+    r = int(a.shape[1])  # a: (in, R), b: (R, out)
+    if record is not None:
+        r0 = int(record["rank"])
+        if r0 > r:
+            raise ValueError(f"{where}: {name} has rank {r}, its recorded rank is {r0}")
+        if not (mx.any(a[:, r0:] != 0).item() or mx.any(b[r0:] != 0).item()):
+            a, b, r = a[:, :r0], b[:r0], r0  # (in, r0), (r0, out)
+        alpha = float(record["alpha"])
+        if alpha / r == scale:
+            return a, b, r, alpha
+    return a, b, r, scale * r  # a scale folded into lora_b at export stays there: the same function
+
+
+def import_mlx_lm(src_dir, run_dir, args: ModelArgs | None = None, overwrite: bool = False) -> dict:
+    """mlx-lm's adapter directory (LoRA, not DoRA) -> our run directory. An export of ours gets its
+    per-module ranks back; modules it zero-filled and that are still zero are dropped. An existing run in `run_dir` is refused unless `overwrite`."""
     src_dir = Path(src_dir)
     cfg_path = src_dir / "adapter_config.json"
     if not cfg_path.exists():
         raise ValueError(f"{src_dir} has no adapter_config.json: not an mlx-lm adapter directory")
-    mc = json.loads(cfg_path.read_text())
+    mc = read_json(cfg_path)
     kind = mc.get("fine_tune_type", "lora")
     if kind != "lora":
         raise ValueError(f"{cfg_path}: fine_tune_type {kind!r}; only 'lora' adapters can be imported")
     lp = mc.get("lora_parameters") or {}
     scale = float(lp.get("scale", 20.0))
+    recorded = (mc.get(MLX_LM_RECORD) or {}).get("modules")
+    where = f"{src_dir}/adapters.safetensors"
     weights = load_safetensors(src_dir / "adapters.safetensors")
     modules, tensors = {}, {}
     for key, w in weights.items():
         m = re.fullmatch(r"(.+)\.lora_([ab])", key)
         if not m:
-            raise ValueError(f"{src_dir}/adapters.safetensors: unexpected tensor {key!r} (DoRA '.m' and other "
-                             "tensors are not supported)")
+            raise ValueError(f"{where}: unexpected tensor {key!r} (DoRA '.m' and other tensors are not supported)")
         name = m.group(1)
         _split(name)
-        tensors[key] = w.astype(mx.float32)
-        if m.group(2) == "a":  # (in, r)
-            b = weights.get(f"{name}.lora_b")
-            if b is None:
-                raise ValueError(f"{src_dir}/adapters.safetensors: {name}.lora_b is missing")
-            r = int(w.shape[1])
-            modules[name] = {"rank": r, "alpha": scale * r, "in": int(w.shape[0]), "out": int(b.shape[1])}
+        if m.group(2) == "b":
+            continue
+        b = weights.get(f"{name}.lora_b")
+        if b is None:
+            raise ValueError(f"{where}: {name}.lora_b is missing")
+        record = recorded.get(name) if recorded is not None else None
+        if recorded is not None and record is None and not (mx.any(w != 0).item() or mx.any(b != 0).item()):
+            continue  # zero-filled by our export and never trained
+        a, b, r, alpha = _unpad(name, w, b, record, scale, where)
+        modules[name] = {"rank": r, "alpha": alpha, "in": int(a.shape[0]), "out": int(b.shape[1])}
+        tensors[f"{name}.lora_a"] = a.astype(mx.float32)  # (in, r)
+        tensors[f"{name}.lora_b"] = b.astype(mx.float32)  # (r, out)
     if not modules:
-        raise ValueError(f"{src_dir}/adapters.safetensors holds no LoRA tensors")
+        raise ValueError(f"{where} holds no LoRA tensors")
     modules = dict(sorted(modules.items(), key=lambda kv: _split(kv[0])))
-    r0 = next(iter(modules.values()))["rank"]
-    return _write_run(run_dir, modules, tensors, args, str(mc.get("model") or ""), r0, scale * r0,
-                      float(lp.get("dropout", 0.0)), str(src_dir))
+    r0 = max(m["rank"] for m in modules.values())  # policies lower some ranks (gqa: k/v), never raise them
+    alpha0 = next(m["alpha"] for m in modules.values() if m["rank"] == r0)
+    return _write_run(run_dir, modules, tensors, args, str(mc.get("model") or ""), r0, alpha0,
+                      float(lp.get("dropout", 0.0)), str(src_dir), overwrite)

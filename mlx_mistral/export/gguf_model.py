@@ -29,7 +29,7 @@ from ..core.config import ModelArgs
 from ..core.io import atomic_path
 from ..core.tokenizer import Tokenizer
 from ..core.weights import gguf_name, rope_heads, to_interleaved
-from .tokenizer_files import chat_template, write_modelfile
+from .tokenizer_files import chat_format, gguf_chat_template, write_modelfile
 from .weights import Progress, load_fused
 
 T = gguf.MODEL_TENSOR
@@ -106,7 +106,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, tok: Tokenizer, vocab_size: int):
     writer.add_pad_token_id(pad)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(chat_template(tok))
+    writer.add_chat_template(gguf_chat_template(chat_format(tok)))
 
 
 def add_hparams(writer: gguf.GGUFWriter, args: ModelArgs, name: str):

@@ -1,58 +1,95 @@
 """The demo (what `mlx-mistral demo` and `make demo` run): the main job end to end on the embedded default,
-in a few minutes on a laptop CPU.
+in about four minutes on 2 CPU cores, with a fine-tune whose effect is checked automatically.
 
-1. build a tiny random Mistral (real v1 tokenizer from mistral-common) and pre-train it briefly
-   (configs/tiny-pretrain.yaml), so the fine-tune has a base worth adapting;
-2. fine-tune it with GQA-matched LoRA on SWA-aware packed rows of the bundled chat data
-   (configs/tiny-demo.yaml) under the live dashboard;
-3. evaluate the test split before and after the fine-tune;
-4. generate an answer to a chat prompt;
+1. build a tiny random Mistral (1.8M parameters, a 4096-piece cut of Mistral's v1 tokenizer) and pre-train
+   it on plain Q/A about the Python standard library (configs/tiny-pretrain.yaml, `data/demo_tags/pretrain`);
+2. before: its greedy answers to held-out questions (about functions in no training data) and its test loss;
+3. fine-tune it with GQA-matched LoRA on SWA-aware packed rows under the live dashboard
+   (configs/tiny-demo.yaml, `data/demo_tags/tagged`) towards a behaviour that depends on the prompt: every
+   answer starts with the module the question asks about, "[json] ...";
+4. after: the same questions, checked by `demo_check` (tag format; right module), plus questions about
+   modules in no training data (the honest limit: it tags only with modules it has seen);
 5. export: fused HF safetensors, a PEFT adapter, a Q8_0 GGUF with its Ollama Modelfile, and an
    adapter-only GGUF for llama.cpp's `--lora`.
-The library prints nothing: `run_demo` reports what it does through `report(kind, text)` (kind "step",
-"info" or "note") and returns what it made.
+The library prints nothing: `run_demo` reports through `report(kind, payload)`: kind "step", "info" or
+"note" with a line of text, or "compare" with the before/after dict of `compare` (ui/demo_view.py renders
+it); it returns what it made.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
 from .. import backends
-from ..core.data import DEMO as DATA
+from ..core.data import DEMO_TAGS
+from ..core.io import write_json
+from .demo_check import check, rates
 from .finetune import finetune, split_loss
 
 REPO = Path(__file__).resolve().parents[2]
-PROMPT = "What does the `textwrap` module do?"
+PRETRAIN, TAGGED = DEMO_TAGS / "pretrain", DEMO_TAGS / "tagged"
+MAX_TOKENS = 12  # greedy tokens per answer: the tag and the start of the answer
 
 
-def _config(name: str, out: Path, **overrides):
+def _config(name: str, out: Path, data: Path, **overrides):
     from ..core.train_config import load_config
 
     path = REPO / "configs" / name
     if not path.exists():
         raise ValueError(f"{path} not found: run the demo from a checkout of mlx-mistral")
-    return load_config(path, dict(overrides, data=str(DATA), out=str(out)))
+    return load_config(path, dict(overrides, data=str(data), out=str(out)))
 
 
-def _test_loss(model_dir: Path, adapter: Path | None, seq_len: int) -> tuple[float, int]:
-    model, tok = backends.load(model_dir)
-    if adapter is not None:
-        backends.load_adapters(model, adapter)
-    return split_loss(model, tok, str(DATA), "test", seq_len)
+def _questions(path: Path) -> list[str]:
+    """The first user turn of each record of a bundled chat JSONL file."""
+    return [json.loads(line)["messages"][0]["content"] for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
 
 
-def _answer(model_dir: Path, adapter: Path, max_tokens: int = 48) -> str:
+def _answers(model, tok, prompts: list[str], max_tokens: int = MAX_TOKENS) -> list[str]:
+    """Greedy answers (up to EOS or `max_tokens`) of a loaded model to each prompt as a user turn."""
     from ..core.chat import encode_prompt
 
-    model, tok = backends.load(model_dir)
-    backends.load_adapters(model, adapter)
-    prompt = encode_prompt(tok, [{"role": "user", "content": PROMPT}])
-    out = backends.generate(model, prompt, max_tokens, temp=0.7, top_p=0.95, seed=0, stop_ids={tok.eos_id})
-    text = tok.decode([t for t in out if t != tok.eos_id])
-    return text if text.strip() else "(the model ended its answer at once with EOS)"
+    out = []
+    for p in prompts:
+        ids = backends.generate(model, encode_prompt(tok, [{"role": "user", "content": p}]), max_tokens,
+                                temp=0.0, stop_ids={tok.eos_id})
+        out.append(tok.decode([t for t in ids if t != tok.eos_id]).strip())
+    return out
+
+
+def _evaluate(base: Path, adapter: Path | None, seq_len: int, unseen: bool = False) -> dict:
+    """{"loss", "loss_tokens", "answers", "rates", "checks" ([format, right module] per answer)} of the base
+    (+ adapter) on the tagged test split, and
+    "unseen" rates (questions about modules in no training data) when asked."""
+    model, tok = backends.load(base)
+    if adapter is not None:
+        backends.load_adapters(model, adapter)
+    loss, n = split_loss(model, tok, str(TAGGED), "test", seq_len)
+    prompts = _questions(TAGGED / "test.jsonl")
+    answers = _answers(model, tok, prompts)
+    res = {"loss": loss, "loss_tokens": n, "answers": answers, "rates": rates(zip(prompts, answers)),
+           "checks": [list(check(p, a)) for p, a in zip(prompts, answers)]}
+    if unseen:
+        up = _questions(TAGGED / "unseen.jsonl")
+        res["unseen"] = rates(zip(up, _answers(model, tok, up)))
+    return res
+
+
+class _Clock:
+    """Wall and process CPU seconds per stage (CPU time: what a loaded machine inflates least)."""
+
+    def __init__(self):
+        self.stages, self._t = {}, (time.perf_counter(), time.process_time())
+
+    def lap(self, name: str):
+        t = (time.perf_counter(), time.process_time())
+        self.stages[name] = {"wall_s": round(t[0] - self._t[0], 1), "cpu_s": round(t[1] - self._t[1], 1)}
+        self._t = t
 
 
 def _trained(end: dict):
@@ -60,35 +97,75 @@ def _trained(end: dict):
         raise ValueError(end["message"])
 
 
-def run_demo(out: str | Path, display: str | None = "auto", skip_export: bool = False,
-             report: Callable[[str, str], None] = lambda kind, text: None) -> dict[str, Path]:
-    """Run the demo into `out` (replaced if it exists); returns {what: path} of everything it made."""
+#: The file that marks a folder as the demo's own, and what the demo writes into it.
+MARKER = ".mlx-mistral-demo"
+RESULTS = "results.json"
+MADE = ("pretrain", "lora", "export", RESULTS)
+
+
+def prepare_out(out: Path) -> list[str]:
+    """Make `out` ready for a demo run: a new or empty folder is used; a folder an earlier demo made (its
+    marker file) has the demo's own entries replaced; any other non-empty folder is refused, so the demo
+    never deletes what it did not make. Returns the entries it removed."""
+    from ..core.rundir import check_writable
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; the demo needs a folder")
+    present = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if present and MARKER not in present and not set(present) <= set(MADE):  # (earlier demos left no marker)
+        raise ValueError(f"--out {out} is not empty and was not made by the demo ({', '.join(present[:5])}"
+                         f"{', ...' if len(present) > 5 else ''}); the demo never deletes files it did not make: "
+                         "choose another --out, or an empty folder")
+    check_writable(out)
+    removed = [name for name in MADE if name in present]
+    for name in removed:
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (out / MARKER).write_text("made by `mlx-mistral demo`; a later demo run replaces pretrain/, lora/, "
+                              f"export/ and {RESULTS} here and nothing else\n")
+    return removed
+
+
+def run_demo(out: str | Path, display: str | None = "auto", skip_export: bool = False, seed: int = 0,
+             report: Callable[[str, object], None] = lambda kind, payload: None) -> dict[str, Path]:
+    """Run the demo into `out`; returns {what: path} of everything it made, results.json among them (the
+    before/after answers and rates, and the wall and CPU seconds of each stage). An earlier demo's results
+    in `out` are replaced; a folder holding anything else is refused (`prepare_out`). `seed`: the random
+    base's weights and both runs' data order."""
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+    clock = _Clock()
+    removed = prepare_out(out)
+    if removed:
+        report("note", f"replacing the earlier demo's {', '.join(removed)} in {out}")
 
-    report("step", "[1/5] building a tiny random Mistral (9M parameters, window 64) and pre-training it briefly")
-    _trained(finetune(_config("tiny-pretrain.yaml", out / "pretrain"), display=display))
+    pre = _config("tiny-pretrain.yaml", out / "pretrain", PRETRAIN, seed=seed)
+    report("step", f"[1/5] building a tiny random Mistral (1.8M parameters, a 4096-piece cut of Mistral's v1 "
+                   f"tokenizer) and pre-training it ({pre.steps} steps) on plain Q/A about the standard library")
+    _trained(finetune(pre, display=display))
     base = out / "pretrain"  # full fine-tuning leaves a loadable model directory
+    clock.lap("pretrain")
 
-    report("step", "[2/5] fine-tuning with GQA-matched LoRA on SWA-aware packed rows")
-    ft = _config("tiny-demo.yaml", out / "lora", model=str(base))
-    before, n_tok = _test_loss(base, None, ft.seq_len)
+    ft = _config("tiny-demo.yaml", out / "lora", TAGGED, model=str(base), seed=seed)
+    report("step", "[2/5] before the fine-tune: the base's greedy answers to held-out questions")
+    before = _evaluate(base, None, ft.seq_len)
+    clock.lap("before")
+
+    report("step", f"[3/5] GQA-matched LoRA fine-tune ({ft.steps} steps, SWA-aware packed rows): every answer "
+                   "should start with the module asked about, \"[json] ...\"")
     _trained(finetune(ft, display=display))
     run = out / "lora"
+    clock.lap("finetune")
 
-    report("step", "[3/5] evaluating the test split")
-    after, _ = _test_loss(base, run, ft.seq_len)
-    report("info", f"  test loss {before:.3f} -> {after:.3f}  (ppl {math.exp(before):.1f} -> {math.exp(after):.1f}, "
-                   f"{n_tok} loss tokens)")
+    report("step", "[4/5] after the fine-tune: the same questions")
+    after = _evaluate(base, run, ft.seq_len, unseen=True)
+    clock.lap("after")
+    result = {"prompts": _questions(TAGGED / "test.jsonl"), "steps": ft.steps, "before": before, "after": after,
+              "seconds": clock.stages}
+    write_json(out / RESULTS, result)
+    report("compare", result)
 
-    report("step", "[4/5] generating")
-    report("info", f"  prompt: {PROMPT}")
-    report("info", f"  answer (sampled, temp 0.7): {_answer(base, run)}")
-    report("info", "  (a 9M-parameter model trained for a minute: this shows the pipeline working and the loss\n"
-                   "   falling, not useful text. Use a real model for that: see the README's quick start.)")
-
-    made = {"pre-trained tiny base": base, "LoRA run (adapters, checkpoints, metrics.jsonl)": run}
+    made = {"pre-trained tiny base": base, "LoRA run (adapters, checkpoints, metrics.jsonl)": run,
+            "before/after answers and rates": out / RESULTS}
     if skip_export:
         report("step", "[5/5] export skipped (--skip-export)")
         return made
@@ -106,4 +183,7 @@ def run_demo(out: str | Path, display: str | None = "auto", skip_export: bool = 
     for w in g["warnings"]:
         report("note", f"  note: {w}")
     made["GGUF LoRA adapter"] = Path(export_gguf_lora(base, run, out / "export" / "tiny-demo-lora.gguf")["out"])
+    clock.lap("export")
+    result["seconds"] = clock.stages
+    write_json(out / RESULTS, result)
     return made

@@ -71,12 +71,13 @@ class DashboardState:
         kind = event.get("event")
         self.n_events += 1
         self.last_time = event.get("time", self.last_time)
-        if kind == "start":
-            self.start = dict(event)
-            self.end = None
-            resume_at = event.get("start_step") or 0
+        if kind in ("start", "resume"):
+            if kind == "start":
+                self.start = dict(event)
+                self.end = None
+            resume_at = event.get("start_step" if kind == "start" else "step") or 0
             if resume_at and len(self.train):  # a resumed run redoes the steps after its checkpoint
-                self.train.drop_after(resume_at)
+                self.train.drop_after(resume_at)  # (metrics.jsonl keeps both: the last value of a step counts)
                 self.val.drop_after(resume_at)
                 self.version += 1
         elif kind == "train":
@@ -343,7 +344,7 @@ def render(state: DashboardState, now: float | None = None, chart_height: int = 
 
     if state.end is not None:
         reason = state.end.get("reason", "done")
-        style = {"done": "green", "interrupted": "yellow"}.get(reason, "red")
+        style = {"done": "green", "interrupted": "yellow", "terminated": "yellow"}.get(reason, "red")
         status = Text(f" {reason} ", style=f"bold {style}")
     elif (stale_after is not None and now is not None and state.last_time is not None
           and now - state.last_time > stale_after):
@@ -433,6 +434,9 @@ def format_line(event: dict, state: DashboardState | None = None) -> str | None:
                 f"val_ppl {_num(event.get('val_ppl'), '.2f')}{best}")
     if kind == "checkpoint":
         return f"checkpoint step {event.get('step')} path {event.get('path')}"
+    if kind == "resume":
+        changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in (event.get("changed") or {}).items())
+        return f"resume step {event.get('step')} from {event.get('checkpoint')}" + (f" changed {changed}" if changed else "")
     if kind == "end":
         return (f"end step {event.get('step')} reason {event.get('reason')} "
                 f"elapsed {fmt_duration(event.get('elapsed'))} final_loss {_num(event.get('final_loss'), '.4f')} "

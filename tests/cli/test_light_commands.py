@@ -46,6 +46,7 @@ def test_help_imports_neither_torch_nor_mlx(tmp_path):
 def test_info_imports_mlx_but_not_torch(tmp_path):
     got, r = imported_by(tmp_path, "info")
     assert r.returncode == 0 and "BLAS:" in r.stdout, r.stderr
+    assert "Device(" not in r.stdout and ("device cpu (" in r.stdout or "device gpu" in r.stdout), r.stdout
     assert got == ["mlx"]
 
 
@@ -65,3 +66,12 @@ def test_every_api_name_resolves(name):
     assert getattr(value, "__name__", name) == name and name in dir(mlx_mistral)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         mlx_mistral.nope  # noqa: B018
+
+
+def test_report_imports_neither_torch_nor_mlx(tmp_path):
+    events = [{"event": "start", "time": 1.0, "total_steps": 2, "start_step": 0, "backend": "mlx"},
+              {"event": "train", "time": 2.0, "step": 1, "loss": 3.0, "elapsed": 1.0, "tokens": 10}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    got, r = imported_by(tmp_path, "report", str(tmp_path))
+    assert r.returncode == 0 and (tmp_path / "report.html").is_file(), r.stdout + r.stderr
+    assert got == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import mlx_mistral  # noqa: F401
 import mlx.core as mx
@@ -131,7 +132,7 @@ def test_mlx_lm_adapter_round_trip(tiny_models, tmp_path):
     theirs_model, _ = mlx_lm.load(str(src), adapter_path=str(tmp_path / "mlxlm"))
     model, tok = ours_with_adapter(src, run)
     ids = mx.array([prompt_ids(tok)])
-    assert np.abs(np.array(model(ids)) - np.array(theirs_model(ids))).max() < 1e-4
+    assert np.abs(np.array(model(ids)) - np.array(theirs_model(ids))).max() <= 1e-5
     cfg = import_mlx_lm(tmp_path / "mlxlm", tmp_path / "back", model.args)
     orig = json.loads((run / "adapter_config.json").read_text())
     assert cfg["modules"] == orig["modules"] and cfg["num_layers"] == 1
@@ -139,10 +140,80 @@ def test_mlx_lm_adapter_round_trip(tiny_models, tmp_path):
     assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a) and a.keys() == b.keys()
 
 
-def test_mlx_lm_export_refuses_mixed_ranks(tiny_models, tmp_path):
-    run = make_run(tiny_models("swa"), tmp_path / "run", policy="gqa", steps=0)
-    with pytest.raises(ValueError, match="one rank and one scale"):
-        export_mlx_lm(run, tmp_path / "out")
+def mlx_lm_vs_ours(src, run, out, ids):
+    """max |logits| difference between mlx-lm's own loader on our export and our model on the run."""
+    import mlx_lm
+
+    theirs_model, _ = mlx_lm.load(str(src), adapter_path=str(out))
+    model, _ = ours_with_adapter(src, run)
+    ours, theirs = np.array(model(mx.array([ids]))), np.array(theirs_model(mx.array([ids])))  # (1, L, vocab)
+    return float(np.abs(ours - theirs).max()), float(np.abs(ours).max())
+
+
+@pytest.mark.parametrize("kind, n", [("full", 100), ("swa", 32), ("mixtral", 32)])  # mlx-lm drops the window
+def test_mlx_lm_export_of_gqa_policy_matches_mlx_lm(tiny_models, tmp_path, kind, n):
+    src = tiny_models(kind)
+    if kind == "mixtral":  # mlx-lm's Mixtral reads only a top-level rope_theta (default 1e6), which Hub
+        src = tmp_path / "base"  # checkpoints carry and transformers 5 writes under rope_parameters
+        shutil.copytree(tiny_models(kind), src)
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps(dict(cfg, rope_theta=cfg["rope_parameters"]["rope_theta"])))
+    run = make_run(src, tmp_path / "run", policy="gqa")  # q/o/MLP rank 8, k/v rank 4 (4 heads, 2 kv heads)
+    ranks = {m["rank"] for m in json.loads((run / "adapter_config.json").read_text())["modules"].values()}
+    assert ranks == {4, 8}
+    r = export_mlx_lm(run, tmp_path / "mlxlm")
+    assert (r["rank"], r["padded"], r["scale_folded"], r["zero_modules"]) == (8, 4, 0, 0)  # 2 layers x k, v
+    assert r["num_layers"] == -1
+    tok = load(src)[1]
+    diff, size = mlx_lm_vs_ours(src, run, tmp_path / "mlxlm", prompt_ids(tok, n))
+    assert diff <= 1e-5 and size > 1.0
+    # back: the ranks, alphas and tensors of the run
+    back = import_mlx_lm(tmp_path / "mlxlm", tmp_path / "back", load(src)[0].args)
+    orig = json.loads((run / "adapter_config.json").read_text())
+    assert back["modules"] == orig["modules"] and back["rank_policy"] == "gqa"
+    a, b = mx.load(str(run / "adapters.safetensors")), mx.load(str(tmp_path / "back" / "adapters.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+
+
+def test_mlx_lm_export_folds_scales_and_fills_holes(tiny_models, tmp_path):
+    """Per-module alphas (one scale differs) and modules missing in one layer: still mlx-lm's same function."""
+    src = tiny_models("full")
+    run = make_run(src, tmp_path / "run", policy="gqa", targets=["q_proj", "k_proj", "v_proj"])
+    cfg_path = run / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["modules"]["model.layers.1.self_attn.v_proj"]["alpha"] = 3.0  # scale 0.75, the others 2.0
+    del cfg["modules"]["model.layers.0.self_attn.q_proj"]  # layer 0 adapts k, v only
+    cfg_path.write_text(json.dumps(cfg))
+    w = mx.load(str(run / "adapters.safetensors"))
+    mx.save_safetensors(str(run / "adapters.safetensors"), {k: v for k, v in w.items() if ".0.self_attn.q_proj" not in k})
+    r = export_mlx_lm(run, tmp_path / "mlxlm")
+    assert (r["scale"], r["scale_folded"], r["zero_modules"]) == (2.0, 1, 1)
+    tok = load(src)[1]
+    diff, size = mlx_lm_vs_ours(src, run, tmp_path / "mlxlm", prompt_ids(tok, 100))
+    assert diff <= 1e-5 and size > 1.0
+    back = import_mlx_lm(tmp_path / "mlxlm", tmp_path / "back", load(src)[0].args)
+    assert set(back["modules"]) == set(cfg["modules"])  # the zero-filled q_proj of layer 0 is dropped
+    assert back["modules"]["model.layers.1.self_attn.v_proj"] == dict(cfg["modules"]["model.layers.1.self_attn.v_proj"],
+                                                                      alpha=2.0 * 4)  # the fold stays in lora_b
+    model, _ = ours_with_adapter(src, tmp_path / "back")
+    ref, _ = ours_with_adapter(src, run)
+    ids = mx.array([prompt_ids(tok, 100)])
+    assert np.abs(np.array(model(ids)) - np.array(ref(ids))).max() <= 1e-5
+
+
+def test_mlx_lm_export_places_layers(tiny_models, tmp_path):
+    src = tiny_models("full", num_hidden_layers=4)
+    run = make_run(src, tmp_path / "run", targets=["q_proj"], num_layers=2, steps=0)  # layers 2, 3
+    assert export_mlx_lm(run, tmp_path / "a")["num_layers"] == 2
+    cfg_path = run / "adapter_config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), num_layers=-1)))
+    with pytest.raises(ValueError, match="--model"):
+        export_mlx_lm(run, tmp_path / "b")
+    args = load(src)[0].args
+    assert export_mlx_lm(run, tmp_path / "c", args)["num_layers"] == 2
+    other = load(tiny_models("nemo"))[0].args
+    with pytest.raises(ValueError, match="another base model"):
+        export_mlx_lm(run, tmp_path / "d", other)
 
 
 def test_peft_import_errors(tiny_models, tmp_path):
@@ -161,3 +232,20 @@ def test_peft_import_errors(tiny_models, tmp_path):
     (tmp_path / "peft" / "adapter_model.safetensors").unlink()
     with pytest.raises(ValueError, match="adapter_model.safetensors"):
         import_peft(tmp_path / "peft", tmp_path / "z")
+
+
+def test_export_mlx_lm_command_reads_the_local_base(tiny_models, tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_mistral.cli import main
+
+    src = tiny_models("full", num_hidden_layers=4)
+    run = make_run(src, tmp_path / "run", policy="gqa", targets=["k_proj", "o_proj"], num_layers=2, steps=0)
+    cfg_path = run / "adapter_config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), num_layers=-1)))  # placed by the base
+    res = CliRunner().invoke(main, ["export", "mlx-lm", "--adapter", str(run), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["num_layers"] == 2
+    mc = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert mc["lora_parameters"]["rank"] == 8 and mc["lora_parameters"]["keys"] == ["self_attn.k_proj",
+                                                                                    "self_attn.o_proj"]

@@ -18,6 +18,7 @@ from mlx_mistral.backends.mlx.loader import load
 from mlx_mistral.core.weights import to_interleaved as permute_rope
 from mlx_mistral.export.gguf_adapter import export_gguf_lora
 from mlx_mistral.export.gguf_model import export_gguf
+from mlx_mistral.export.tokenizer_files import gguf_chat_template, ollama_modelfile
 from llama_judge import quantize, system_info
 from llama_judge import run as judge
 from test_adapters import make_run, prompt_ids
@@ -44,7 +45,9 @@ def test_metadata_nemo_head_dim_and_window_warning(tiny_models, tmp_path):
     scores = f["tokenizer.ggml.scores"]
     assert len(f["tokenizer.ggml.tokens"]) == 32000 and len(set(scores)) > 1000  # real scores, not -1000s
     assert f["tokenizer.ggml.bos_token_id"] == 1 and f["tokenizer.ggml.add_bos_token"] is True
-    assert "[INST]" in f["tokenizer.chat_template"]
+    # the templates tests/export/test_templates.py proves against mistral-common, Go and llama.cpp (v1 here)
+    assert f["tokenizer.chat_template"] == gguf_chat_template("v1")
+    assert (tmp_path / "Modelfile").read_text() == ollama_modelfile("m.gguf", "v1", 24)
     assert 'PARAMETER stop "</s>"' in (tmp_path / "Modelfile").read_text()
     # the Q rows are permuted with n_heads, K rows with n_kv_heads
     model, _ = load(src, dtype="float32")

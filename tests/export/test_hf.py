@@ -51,6 +51,7 @@ def test_export_hf_fused_matches_transformers_and_reimports(tiny_models, tmp_pat
 
 
 def test_exported_tokenizer_and_chat_template(tiny_models, tmp_path):
+    from mlx_mistral.export.tokenizer_files import hf_chat_template
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -60,6 +61,7 @@ def test_exported_tokenizer_and_chat_template(tiny_models, tmp_path):
     export_hf(src, tmp_path / "hf")
     _, tok = load(src)
     hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.chat_template == hf_chat_template("v1")  # proven per version in tests/export/test_templates.py
     for text in TEXTS:
         assert hf(text)["input_ids"] == tok.encode(text), text
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},

@@ -57,6 +57,19 @@ def dataset_loss(model, rows: Rows, batch_size: int = 4) -> tuple[float, int]:
     return loop.mean_token_loss(rows, batch_size, sums)
 
 
+def device_name(device=None) -> str:
+    """The default (or given) MLX device, readably: "cpu (AMD EPYC 7B13, 16 cores)", "gpu (Apple M2 Pro)"."""
+    from ...core.device import describe
+
+    device = device if device is not None else mx.default_device()
+    kind = "cpu" if device.type == mx.cpu else "gpu"
+    try:
+        name = mx.device_info(device).get("device_name") if hasattr(mx, "device_info") else None
+    except Exception:  # a build without device info
+        name = None
+    return describe(kind, None if kind == "cpu" else name)
+
+
 def memory_total() -> int:
     """Bytes of RAM (unified memory on a Mac) of this machine."""
     try:
@@ -179,7 +192,7 @@ class Trainer(TrainLoop):
 
     # -- backend hooks of TrainLoop -----------------------------------------------------------------------
     def _device_name(self) -> str:
-        return str(mx.default_device())
+        return device_name()
 
     def _counts(self) -> tuple[int, int]:
         return trainable_count(self.model), total_count(self.model)

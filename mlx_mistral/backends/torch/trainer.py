@@ -143,6 +143,17 @@ def active_memory(device: torch.device) -> int:
         return 0
 
 
+def device_name(device: torch.device) -> str:
+    """A torch device, readably: "cuda:0 (NVIDIA H200)", "mps (Apple M2 Pro)", "cpu (AMD EPYC 7B13, 16 cores)"."""
+    from ...core.device import cpu_name, describe
+
+    if device.type == "cuda":
+        return describe(str(device), torch.cuda.get_device_name(device))
+    if device.type == "mps":
+        return describe("mps", cpu_name())
+    return describe(device.type)
+
+
 def memory_total(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
@@ -215,7 +226,7 @@ class TorchTrainer(TrainLoop):
 
     # -- backend hooks of TrainLoop -----------------------------------------------------------------------
     def _device_name(self) -> str:
-        return str(self.device)
+        return device_name(self.device)
 
     def _counts(self) -> tuple[int, int]:
         return sum(p.numel() for p in self.params.values()), total_count(self.model)

@@ -8,13 +8,14 @@ from click.testing import CliRunner
 from mlx_mistral.cli import main
 from mlx_mistral.backends.mlx.generate import generate, sample
 from mlx_mistral.backends.mlx.loader import load
+from mlx_mistral.core.generation import Sampling
 
 
 def test_top_p_keeps_only_the_nucleus():
     logits = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]]))
-    draws = {sample(logits, 1.0, 0.7, mx.random.key(i)).item() for i in range(200)}
+    draws = {sample(logits, Sampling(temp=1.0, top_p=0.7), mx.random.key(i)).item() for i in range(200)}
     assert draws == {0, 1}
-    assert sample(logits, 0.0, 1.0, mx.random.key(0)).item() == 0
+    assert sample(logits, Sampling(), mx.random.key(0)).item() == 0
 
 
 def test_seeded_sampling_is_reproducible(tiny_models):

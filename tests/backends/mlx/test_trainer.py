@@ -162,14 +162,35 @@ def test_gradient_checkpointing_changes_nothing(tmp_path):
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
-    # lr 1e30: the first update blows the adapters up, the second step's loss is not finite
-    events, end, _, _ = run(tmp_path, "n", lr=1e30, warmup_steps=0, steps=5, save_every=1, grad_clip=0)
-    assert end["reason"] == "nan" and end["step"] == 1
-    assert "step-0000001" in end["message"] and "learning rate" in end["message"]
-    ck = sorted((tmp_path / "n" / "checkpoints").glob("step-*"))
-    assert [p.name for p in ck] == ["step-0000001"]
+    """Issue 13 (6): a checkpoint is good only once its weights gave a finite loss. Step 1 trains at a
+    normal lr (checkpoint 1, verified by step 2's loss); then lr jumps to 1e30, so step 2's update blows
+    the adapters up: checkpoint 2 holds finite weights that give a NaN loss at step 3."""
+    from mlx_mistral.core import checkpoints
+
+    cfg = TrainConfig(steps=5, batch_size=4, seq_len=64, lr=1e-3, warmup_steps=0, eval_every=0, save_every=1,
+                      grad_clip=0, lora_rank=4, lora_alpha=8, out=str(tmp_path / "n")).validate()
+    model = small_model()
+    lc = prepare_model(model, cfg, "small")
+
+    def diverge(e):
+        if e["event"] == "train" and e["step"] == 1:
+            cfg.lr = 1e30
+
+    events = []
+    end = Trainer(model, cfg, random_rows(), None, callbacks=[events.append, diverge], lora_config=lc).run()
+    assert end["reason"] == "nan" and end["step"] == 2
+    assert "last good checkpoint is" in end["message"] and "step-0000001" in end["message"]
+    assert "deleted step-0000002" in end["message"] and "learning rate" in end["message"]
+    ck = checkpoints.complete(tmp_path / "n")
+    assert [p.name for p in ck] == ["step-0000001"] and checkpoints.is_verified(ck[0])
     saved = mx.load(str(ck[0] / "weights.safetensors"))
-    assert all(bool(mx.isfinite(v).all()) for v in saved.values())
+    assert saved and all(bool(mx.isfinite(v).all()) for v in saved.values())
+    # the model and the run's adapters were restored from the good checkpoint, not left diverged
+    now = dict(tree_flatten(model.trainable_parameters()))
+    for k, v in saved.items():
+        np.testing.assert_array_equal(np.array(now[k]), np.array(v))
+    out = mx.load(str(tmp_path / "n" / "adapters.safetensors"))
+    assert all(bool(mx.isfinite(v).all()) for v in out.values())
     assert [e["event"] for e in events][-1] == "end"
 
 
