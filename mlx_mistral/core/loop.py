@@ -331,14 +331,19 @@ class TrainLoop:
                 checkpoints.mark_verified(path)
 
     def _final_loss(self, step: int) -> float:
-        """The loss of the final weights on the next step's first micro-batch (a forward pass only), which
-        verifies the final checkpoint."""
+        """The loss of the final weights on the next step's first micro-batch (a forward pass only; DPO /
+        ORPO: the preference loss of its pairs), which verifies the final checkpoint."""
         rows = micro_rows(batch_rows(self.cfg.seed, step, self.global_batch, len(self.train_rows)), 0,
                           self.rank, self.world, self.cfg.batch_size)
         self.model.eval()
-        total, count = self._loss_sums(self.train_rows, [rows])
-        self.model.train()
-        loss = total / max(count, 1.0)
+        try:
+            if self.cfg.objective != "sft":  # DPO / ORPO: the preference loss of those rows' pairs
+                loss = pref.step_metrics(self.cfg.objective, self._pair_values(self.train_rows, [rows]))[0]
+            else:
+                total, count = self._loss_sums(self.train_rows, [rows])
+                loss = total / max(count, 1.0)
+        finally:
+            self.model.train()
         if math.isfinite(loss):
             self._verify(step)
         return loss
