@@ -31,7 +31,8 @@ TRAIN_FLAGS = ("model", "data", "out", "backend", "dtype", "quantize", "fine_tun
                    "metrics.jsonl, config.yaml) are removed; a folder with other files is never emptied.")
 @click.option("--no-dashboard", is_flag=True, help="Plain log lines instead of the live dashboard.")
 def train(config_path, resume, overwrite, no_dashboard, **flags):
-    """Fine-tune with LoRA / QLoRA (or fully) on packed rows; writes a run directory.
+    """Fine-tune with LoRA / QLoRA (or fully) on packed rows, supervised or by preference (DPO, ORPO);
+    writes a run directory.
 
     Settings come from the dataclass defaults, then --config, then these flags (every config key is
     listed in the README; the ones without a flag go in the YAML). With --resume the run's own
@@ -148,9 +149,9 @@ def plan(model_spec, config_path, budget):
             p = resolve_path(model_spec)
             args = ModelArgs.from_dir(p)
         cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, storage_dtype(p))[0])  # dtype auto: the checkpoint's
-        n = 0 if cfg.fine_tune == "full" else count_params(plan_for_config(args, cfg))
+        n = 0 if cfg.trains_full else count_params(plan_for_config(args, cfg))
         bits = cfg.quantize or (args.quantization or {}).get("bits")
-        kw = dict(fine_tune=cfg.fine_tune, trainable_params=n, bits=bits, group_size=cfg.quantize_group_size,
+        kw = dict(fine_tune="full" if cfg.trains_full else "lora", objective=cfg.objective, trainable_params=n, bits=bits, group_size=cfg.quantize_group_size,
                   dtype=cfg.dtype, grad_accum=cfg.grad_accum)
         e = estimate(args, batch_size=cfg.batch_size, seq_len=cfg.seq_len, grad_checkpoint=cfg.grad_checkpoint, **kw)
     except ValueError as err:

@@ -17,6 +17,8 @@ The LoRA layers themselves are tensor code: `backends/mlx/lora.py`, `backends/to
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import re
@@ -272,3 +274,14 @@ def read_adapters(run_dir: str | Path, read: Callable) -> tuple[dict, dict[str, 
     weights = read_safetensors(path, read)
     check_adapter_tensors(path, specs, {k: tuple(v.shape) for k, v in weights.items()})
     return cfg, specs, weights
+
+
+@contextlib.contextmanager
+def adapters_off(model, set_enabled: Callable):
+    """Inside: every adapter of `model` switched off with a backend's `set_enabled(model, on)`, so the
+    model computes its base model (DPO's reference); switched back on when leaving, also on error."""
+    set_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_enabled(model, True)

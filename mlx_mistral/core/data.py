@@ -112,7 +112,7 @@ def _kind(rec) -> str:
     return "chat" if "messages" in rec else "completion" if "prompt" in rec or "completion" in rec else "text"
 
 
-def _jsonl_records(path: Path, progress):
+def _jsonl_records(path: Path, progress, shapes: str = _SHAPES):
     """(line number, record or a ValueError) of every non-blank line; progress in bytes."""
     total, done = path.stat().st_size, 0
     with open(path, "rb") as f:
@@ -127,7 +127,29 @@ def _jsonl_records(path: Path, progress):
                 yield lineno, json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 yield lineno, ValueError(f"malformed JSON ({e.msg if hasattr(e, 'msg') else e}); expected one "
-                                         f"JSON object per line: {_SHAPES}")
+                                         f"JSON object per line: {shapes}")
+
+
+def encode_jsonl(path: Path, encode: Callable, shapes: str = _SHAPES, skip_invalid: bool = False,
+                 progress: Callable[[int, int], None] | None = None):
+    """`[(record, encode(record)), ...]` for every non-empty line of a JSONL file, and `info` ("skipped",
+    "errors"). A malformed line or a ValueError of `encode` becomes `file:line: message` (raised, or
+    counted with `skip_invalid`). `progress(bytes_done, bytes_total)`. (Preference pairs: core/pairs.py.)"""
+    out = []
+    info = {"skipped": 0, "errors": []}
+    for lineno, rec in _jsonl_records(path, progress, shapes):
+        try:
+            if isinstance(rec, ValueError):
+                raise rec
+            out.append((rec, encode(rec)))
+        except ValueError as e:
+            msg = f"{path}:{lineno}: {e}"
+            if not skip_invalid:
+                raise ValueError(msg) from None
+            info["skipped"] += 1
+            if len(info["errors"]) < 10:
+                info["errors"].append(msg)
+    return out, info
 
 
 def _parquet_records(path: Path, progress):

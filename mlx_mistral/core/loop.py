@@ -44,6 +44,7 @@ from typing import Callable
 import numpy as np
 
 from . import checkpoints
+from . import preference as pref
 from .adapters import config_for, fingerprint, plan_for_config
 from .io import write_json
 from .packing import next_token_targets
@@ -129,6 +130,13 @@ def mean_token_loss(rows: Rows, batch_size: int, batch_sums: Callable) -> tuple[
     return total / max(count, 1), count
 
 
+def gather_pairs(objective: str, per_pair: list[dict], pair_ids: list[np.ndarray]) -> dict:
+    """Per-pair values of several micro-batches (each with padded pair slots) as one float64 array per key,
+    the real pairs only, in micro-batch order (global pair order within each)."""
+    return {k: np.concatenate([np.asarray(d[k], np.float64)[:len(p)] for d, p in zip(per_pair, pair_ids)])
+            for k in pref.PAIR_KEYS[objective]}
+
+
 # ---- the loop ---------------------------------------------------------------------------------------------
 class TrainLoop:
     """What both trainers share: the constructor, the step loop, its events, evaluation, checkpoints,
@@ -137,6 +145,10 @@ class TrainLoop:
     `model` comes with LoRA already applied (or unfrozen for full fine-tuning); `lora_config` is the
     adapter_config.json dict (None for full fine-tuning, which saves `model.safetensors` instead, or
     calls `save_full(run_dir)`); `rank`/`world` place this process in data parallelism.
+
+    For DPO / ORPO (`cfg.objective`), `train` and `val` are `core.pairs.PairRows`; the backend's
+    `train_step` then takes its micro-batches from `_pref_step_plan` and reports through `_pref_finish`,
+    and `_pair_values(rows, batches)` gives the per-pair values of an evaluation.
 
     A backend subclass provides `train_step(step) -> (loss, update, loss tokens)` where `update(lr)`
     applies the accumulated gradient and returns the global gradient norm; `_loss_sums(rows, batches)`
@@ -164,18 +176,76 @@ class TrainLoop:
         self.global_batch = cfg.batch_size * cfg.grad_accum * world
         if len(train) == 0:
             raise ValueError("no training rows: the dataset is empty after packing")
+        self.step_metrics, self.eval_metrics = {}, {}
+        self._check_preference()
 
     def evaluate(self) -> float | None:
-        """Mean token loss over the validation rows (the first `eval_rows`, sharded across ranks)."""
+        """Mean token loss over the validation rows (the first `eval_rows`, sharded across ranks); for
+        DPO / ORPO the preference loss over the validation pairs, with their reward metrics in
+        `self.eval_metrics`."""
         v = self.val_rows
         if v is None or len(v) == 0:
             return None
         b = self.cfg.batch_size
         mine = eval_shard(len(v), self.cfg.eval_rows, self.rank, self.world)
+        batches = [mine[i:i + b] for i in range(0, len(mine), b)]
         self.model.eval()
-        total, count = self._loss_sums(v, [mine[i:i + b] for i in range(0, len(mine), b)])
-        self.model.train()
+        try:
+            if self.cfg.objective != "sft":
+                loss, metrics = pref.step_metrics(self.cfg.objective, self._pair_values(v, batches))
+                self.eval_metrics = {f"val_{k}": x for k, x in metrics.items()}
+                return loss
+            total, count = self._loss_sums(v, batches)
+        finally:
+            self.model.train()
         return total / max(count, 1.0)
+
+    # -- preference tuning (DPO / ORPO): what a backend's step needs, from the data ---------------------
+    def _check_preference(self):
+        cfg = self.cfg
+        if cfg.objective == "sft":
+            return
+        pref.check_options(cfg.beta, cfg.dpo_loss, cfg.label_smoothing)
+        if self.world > 1:
+            raise ValueError(f"fine_tune: {cfg.fine_tune} runs in one process for now (data parallelism is "
+                             "SFT only); launch it without mlx.launch / torchrun")
+        if not hasattr(self.train_rows, "pair_row"):
+            raise ValueError(f"fine_tune: {cfg.fine_tune} trains on preference pairs (core.pairs.PairRows)")
+        needs_table = cfg.objective == "dpo" and self.lora_config is None
+        for rows in (self.train_rows, self.val_rows):
+            if needs_table and rows is not None and rows.reference is None:
+                raise ValueError("full-parameter DPO needs the reference log-probs precomputed (PairRows.reference)")
+        self.pair_slots = cfg.batch_size * max(r.max_pairs_per_row for r in (self.train_rows, self.val_rows)
+                                               if r is not None and len(r))
+
+    def _pair_micro_batches(self, rows, idx_list) -> list[tuple]:
+        """For each row index set: `(arrays, pair_ids, valid, ref)`: `arrays` is `PairRows.take` with
+        `pair_slots` pair slots (tokens, seg, pos, targets, weights, full_weights, local), `valid` (S,) float32,
+        `ref` (2S,) float32 precomputed reference log-probs or None (reference evaluated in the step)."""
+        out = []
+        for idx in idx_list:
+            *arrays, pair_ids = rows.take(idx, self.pair_slots)
+            valid = np.zeros(self.pair_slots, np.float32)
+            valid[:len(pair_ids)] = 1
+            ref = rows.subset_reference(pair_ids, self.pair_slots) if rows.reference is not None else None
+            out.append((tuple(arrays), pair_ids, valid, ref))
+        return out
+
+    def _pref_step_plan(self, step: int):
+        """(micro-batches of this rank, global pair count, ORPO's global chosen-target count, real tokens)."""
+        cfg = self.cfg
+        rows = batch_rows(cfg.seed, step, self.global_batch, len(self.train_rows))
+        idx = [micro_rows(rows, m, self.rank, self.world, cfg.batch_size) for m in range(cfg.grad_accum)]
+        n_pairs = self.train_rows.pair_count(rows)
+        return (self._pair_micro_batches(self.train_rows, idx), max(n_pairs, 1),
+                max(self.train_rows.chosen_targets(rows), 1), self.train_rows.real_tokens(rows))
+
+    def _pref_finish(self, per_pair: list[dict], pair_ids: list[np.ndarray]) -> float:
+        """The step's loss from the per-pair values of its micro-steps (numpy, sliced to their real pairs);
+        its metrics go to `self.step_metrics` (averaged over the steps of a log interval)."""
+        loss, self.step_metrics = pref.step_metrics(self.cfg.objective,
+                                                    gather_pairs(self.cfg.objective, per_pair, pair_ids))
+        return loss
 
     def load_checkpoint(self, path: Path | None = None) -> dict | None:
         """Restore checkpoint `path` (default: the latest complete one); returns its state or None. A
@@ -262,14 +332,19 @@ class TrainLoop:
                 checkpoints.mark_verified(path)
 
     def _final_loss(self, step: int) -> float:
-        """The loss of the final weights on the next step's first micro-batch (a forward pass only), which
-        verifies the final checkpoint."""
+        """The loss of the final weights on the next step's first micro-batch (a forward pass only; DPO /
+        ORPO: the preference loss of its pairs), which verifies the final checkpoint."""
         rows = micro_rows(batch_rows(self.cfg.seed, step, self.global_batch, len(self.train_rows)), 0,
                           self.rank, self.world, self.cfg.batch_size)
         self.model.eval()
-        total, count = self._loss_sums(self.train_rows, [rows])
-        self.model.train()
-        loss = total / max(count, 1.0)
+        try:
+            if self.cfg.objective != "sft":  # DPO / ORPO: the preference loss of those rows' pairs
+                loss = pref.step_metrics(self.cfg.objective, self._pair_values(self.train_rows, [rows]))[0]
+            else:
+                total, count = self._loss_sums(self.train_rows, [rows])
+                loss = total / max(count, 1.0)
+        finally:
+            self.model.train()
         if math.isfinite(loss):
             self._verify(step)
         return loss
@@ -299,10 +374,13 @@ class TrainLoop:
         cfg = self.cfg
         t0 = time.perf_counter() - elapsed0
         self._reset_peak()
+        self.step_metrics, self.eval_metrics = {}, {}
+        logged: dict[str, list[float]] = {}
         trainable, total = self._counts()
         self._emit({"event": "start", "run_dir": str(self.run_dir), "model": self.model_name,
                     "backend": self.backend, "device": self._device_name(), "fine_tune": cfg.fine_tune,
-                    "rank_policy": cfg.rank_policy, "trainable_params": trainable, "total_params": total,
+                    "objective": cfg.objective, "rank_policy": cfg.rank_policy, "trainable_params": trainable,
+                    "total_params": total,
                     "total_steps": cfg.steps, "start_step": start_step, "seq_len": cfg.seq_len,
                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "packing": cfg.packing,
                     "packing_efficiency": self.train_rows.efficiency, "memory_total": self._memory_total(),
@@ -327,6 +405,8 @@ class TrainLoop:
             step += 1
             tokens += n_tok
             last_loss = loss_v
+            for k, v in self.step_metrics.items():
+                logged.setdefault(k, []).append(v)
             zero_grads = zero_grads + 1 if step > cfg.warmup_steps and norm == 0.0 else 0
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
@@ -336,8 +416,10 @@ class TrainLoop:
                             "tokens": tokens, "tokens_per_sec": (tokens - tok_log) / dt,
                             "it_per_sec": (step - step_log) / dt, "elapsed": now - t0,
                             "peak_memory": peak, "active_memory": active,
-                            "packing_efficiency": self.train_rows.efficiency})
+                            "packing_efficiency": self.train_rows.efficiency,
+                            **{k: float(np.mean(v)) for k, v in logged.items()}})
                 t_log, tok_log, step_log = now, tokens, step
+                logged = {}
             if zero_grads >= STALL_STEPS:
                 ln_v = math.log(self.model.args.vocab_size)
                 reason = "stalled"
@@ -350,8 +432,8 @@ class TrainLoop:
                 val = self.evaluate()
                 if val is not None:
                     best_val = val if best_val is None else min(best_val, val)
-                    self._emit({"event": "eval", "step": step, "val_loss": val,
-                                "val_ppl": math.exp(min(val, 700.0))})
+                    ppl = {"val_ppl": math.exp(min(val, 700.0))} if cfg.objective == "sft" else {}
+                    self._emit({"event": "eval", "step": step, "val_loss": val, **ppl, **self.eval_metrics})
             if self._stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
                 if self.rank == 0:
                     last_ckpt = self.save_checkpoint(step, state_extra())
@@ -389,7 +471,7 @@ def prepare_model(model, cfg: TrainConfig, model_name: str, *, quantize: Callabl
     adapter_config dict, or None for full fine-tuning."""
     if cfg.quantize:
         quantize(model, cfg)
-    if cfg.fine_tune == "full":
+    if cfg.trains_full:
         unfreeze(model)
         return None
     specs = plan_for_config(model.args, cfg)

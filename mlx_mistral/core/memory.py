@@ -9,7 +9,12 @@ Pure functions of `ModelArgs` and the training settings; nothing is allocated. T
 - activations kept for the backward pass, per token per layer (the projections' outputs, the MLP's four
   intermediate-size tensors, norms and residuals) plus the attention probabilities (heads x keys per
   token); with checkpointing only each layer's input is kept and one layer is recomputed at a time;
-- the logits and their gradient (batch x seq x vocab, fp32, two live copies in the loss).
+- the logits and their gradient (batch x seq x vocab, fp32, two live copies in the loss; three in a DPO
+  step).
+DPO and ORPO (`objective`) train on the same packed rows, so the step is SFT's: DPO's reference pass (adapters
+off, or precomputed once for full fine-tuning) keeps no activations and is freed before the policy pass,
+and no second model is held; measured, a DPO step keeps one more (B, L, vocab) fp32 buffer than SFT and
+ORPO do (`DPO_EXTRA_LOGIT_COPIES`).
 The constants were fitted to `mx.get_peak_memory()` on the CPU backend (tests/core/test_memory.py checks
 them to within 20% on tiny and small models); treat predictions for large models as estimates.
 """
@@ -29,6 +34,8 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOGIT_COPIES = 2.0
 ATTN_COPIES = 2.0
 RECOMPUTE_LAYERS = 2.0
+DPO_EXTRA_LOGIT_COPIES = 1.0
+OBJECTIVES = ("sft", "dpo", "orpo")
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,12 @@ def activation_bytes(args: ModelArgs, batch: int, seq_len: int, checkpoint: bool
 
 def estimate(args: ModelArgs, *, batch_size: int, seq_len: int, fine_tune: str = "lora", trainable_params: int = 0,
              bits: int | None = None, group_size: int = 64, dtype: str = "float32", grad_checkpoint: bool = False,
-             grad_accum: int = 1) -> Estimate:
-    """Predicted peak memory of one training step. `trainable_params`: the LoRA parameter count (ignored
-    for full fine-tuning, where every parameter trains in fp32)."""
+             grad_accum: int = 1, objective: str = "sft") -> Estimate:
+    """Predicted peak memory of one training step. `fine_tune`: "lora" (adapters) or "full";
+    `trainable_params`: the LoRA parameter count (ignored for full fine-tuning, where every parameter trains
+    in fp32); `objective`: sft, dpo or orpo."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if fine_tune == "full":
         if bits:
             raise ValueError("full fine-tuning keeps fp32 weights: it cannot use a quantized base")
@@ -98,7 +108,8 @@ def estimate(args: ModelArgs, *, batch_size: int, seq_len: int, fine_tune: str =
         optimizer = 8 * n
         act_dtype = dtype
     acts = activation_bytes(args, batch_size, seq_len, grad_checkpoint, act_dtype)
-    logits = int(LOGIT_COPIES * batch_size * seq_len * args.vocab_size * 4)
+    copies = LOGIT_COPIES + (DPO_EXTRA_LOGIT_COPIES if objective == "dpo" else 0.0)
+    logits = int(copies * batch_size * seq_len * args.vocab_size * 4)
     return Estimate(int(weights), int(trainable), int(optimizer), acts, logits)
 
 

@@ -75,8 +75,22 @@ class TrainConfig:
                                   "the completion, text -> all; all: every token (system and user turns, prompts)",
                        kind="str", choices=("default", "last", "all"))
     # ---- what to train
-    fine_tune: str = key("lora", "lora: train adapters; full: train every parameter", kind="str",
-                         choices=("lora", "full"))
+    fine_tune: str = key("lora", "The objective and, for SFT, what is trained. lora: supervised (SFT) adapters; "
+                                 "full: SFT of every parameter; dpo / orpo: preference tuning on "
+                                 '{"prompt", "chosen", "rejected"} data, training what pref_weights says',
+                         kind="str", choices=("lora", "full", "dpo", "orpo"))
+    pref_weights: str = key("lora", "What dpo / orpo train: lora (adapters; QLoRA with quantize; DPO's reference is "
+                                    "the base with the adapters switched off, in the same step) or full (every "
+                                    "parameter; DPO's reference log-probs are computed once before step 1 and "
+                                    "cached with the tokenized data)", kind="str", choices=("lora", "full"))
+    beta: float = key(0.1, "dpo / orpo: DPO's KL strength (reward = beta * log-ratio to the reference); ORPO's "
+                           "weight of the odds-ratio term", kind="float", min=0, min_open=True)
+    dpo_loss: str = key("sigmoid", "DPO loss as TRL names it: sigmoid (the DPO paper), robust (Robust DPO, "
+                                   "unbiased under label noise label_smoothing) or cdpo (conservative DPO: sigmoid "
+                                   "with smoothed labels)", kind="str", choices=("sigmoid", "robust", "cdpo"))
+    label_smoothing: float = key(0.0, "DPO: assumed probability that a pair's labels are flipped (robust, cdpo "
+                                      "only: TRL's sigmoid ignores it, so it is refused there)", kind="float",
+                                 min=0, max=0.5, max_open=True)
     targets: list | str = key("all-linear", "Projections that get adapters: a list of q_proj k_proj v_proj "
                                             "o_proj gate_proj up_proj down_proj, or all-linear", kind="targets")
     num_layers: int = key(-1, "Adapt the last N layers; -1 = all", kind="int", min=-1)
@@ -95,7 +109,11 @@ class TrainConfig:
     grad_accum: int = key(1, "Micro-steps accumulated per optimizer step", kind="int", min=1)
     # Peak LR 1.4e-4: 30% below the usual Llama-2 LoRA recipe's 2e-4. A published claim for the Mistral
     # family that we adopt as a hypothesis (the thesis experiment tests it), not a measured optimum.
-    lr: float = key(1.4e-4, "Peak learning rate", kind="float", min=0, resume="free")
+    # DPO / ORPO (null = the objective's default): 5e-6 for adapters (alignment-handbook's zephyr-7b-dpo-qlora
+    # recipe), 1e-6 for full (TRL's DPOConfig default). Taken from those recipes, not measured here.
+    lr: float = key(None, "Peak learning rate; null = the objective's default: 1.4e-4 for SFT, 5e-6 for dpo / "
+                          "orpo adapters, 1e-6 for full dpo / orpo", kind="float", min=0, nullable=True,
+                    resume="free")
     warmup_steps: int = key(50, "Linear warm-up steps", kind="int", min=0, resume="free")
     min_lr_ratio: float = key(0.1, "Final learning rate of the cosine schedule, as a fraction of lr", kind="float",
                               min=0, max=1, resume="free")
@@ -130,6 +148,20 @@ class TrainConfig:
     out: str = key("runs/latest", "Run directory (adapters, checkpoints, metrics.jsonl, config.yaml)", kind="str",
                    resume="free")
 
+    def __post_init__(self):
+        if self.lr is None:
+            self.lr = DEFAULT_LR[(self.objective, self.trains_full)]
+
+    @property
+    def objective(self) -> str:
+        """sft, dpo or orpo."""
+        return self.fine_tune if self.fine_tune in ("dpo", "orpo") else "sft"
+
+    @property
+    def trains_full(self) -> bool:
+        """Every parameter trained (full SFT, or dpo / orpo with pref_weights: full) rather than adapters."""
+        return self.fine_tune == "full" or (self.objective != "sft" and self.pref_weights == "full")
+
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict | None, source: str = "config") -> "TrainConfig":
@@ -148,9 +180,22 @@ class TrainConfig:
         """Every key's type and range (again, for configs built in code), then the combinations."""
         for name in specs_by_name():
             coerce(name, getattr(self, name), source)
-        if self.fine_tune == "full" and self.quantize:
-            raise ValueError(f"{source}: keys 'fine_tune: full' and 'quantize' conflict: full fine-tuning keeps "
-                             "fp32 master weights; drop 'quantize' or use 'fine_tune: lora'")
+        if self.trains_full and self.quantize:
+            what = "fine_tune: full" if self.fine_tune == "full" else "pref_weights: full"
+            raise ValueError(f"{source}: keys '{what}' and 'quantize' conflict: full fine-tuning keeps "
+                             "fp32 master weights; drop 'quantize' or train adapters (lora)")
+        if self.objective == "sft":
+            changed = [k for k in ("pref_weights", "beta", "dpo_loss", "label_smoothing")
+                       if getattr(self, k) != specs_by_name()[k]["default"]]
+            if changed:
+                raise ValueError(f"{source}: key(s) {', '.join(map(repr, changed))} apply to preference tuning "
+                                 f"only, not to 'fine_tune: {self.fine_tune}'; set fine_tune: dpo or orpo")
+        if self.objective == "orpo" and (self.dpo_loss != "sigmoid" or self.label_smoothing):
+            raise ValueError(f"{source}: keys 'dpo_loss' / 'label_smoothing' are DPO's; ORPO has one loss "
+                             "(drop them or use fine_tune: dpo)")
+        if self.objective == "dpo" and self.dpo_loss == "sigmoid" and self.label_smoothing:
+            raise ValueError(f"{source}: key 'label_smoothing' = {self.label_smoothing} has no effect on "
+                             "dpo_loss 'sigmoid' (TRL 1.16 ignores it there); use dpo_loss: robust or cdpo")
         if self.data and self.datasets:
             raise ValueError(f"{source}: keys 'data' and 'datasets' conflict: set one (a single dataset, or a "
                              "list of sources to mix)")
@@ -181,6 +226,10 @@ class TrainConfig:
                 out[k] = absolute(k, v)
         out["datasets"] = [dict(e, path=absolute("data", e["path"])) for e in self.datasets]
         return dataclasses.replace(self, **out)
+
+
+DEFAULT_LR = {("sft", False): 1.4e-4, ("sft", True): 1.4e-4, ("dpo", False): 5e-6, ("orpo", False): 5e-6,
+              ("dpo", True): 1e-6, ("orpo", True): 1e-6}
 
 
 def specs_by_name() -> dict[str, dict]:

@@ -20,9 +20,12 @@ when it loads. `config.yaml` is written (with absolute paths) only once the run 
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from .. import backends
 from ..core.generation import write_data_format
@@ -79,6 +82,53 @@ def load_rows(data, tok, cfg: TrainConfig, split: str, stats: dict | None = None
         stats.update(read)
     packed = pack(docs, cfg.seq_len, masks, overlap=cfg.overlap, mode=cfg.packing)
     return Rows.from_packed(packed), packed
+
+
+def model_key(model_dir: Path, dtype: str) -> str:
+    """A key of a model's weights (the hashes of its weight files) and the dtype they are computed in."""
+    import hashlib
+
+    from ..core.data import file_hash
+
+    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.npz"))
+    if not files:
+        raise ValueError(f"{model_dir} has no .safetensors weight files to key the reference log-probs by")
+    h = hashlib.sha256(json.dumps([dtype] + [file_hash(f) for f in files]).encode())
+    return h.hexdigest()[:24]
+
+
+def load_pair_rows(cfg: TrainConfig, tok, b=None, model=None, model_dir: Path | None = None,
+                   formats: dict | None = None):
+    """(train, val) `PairRows` of a preference dataset (val: valid.jsonl, or `val_fraction` of the pairs
+    held out, or None). For full-parameter DPO the reference log-probs of `model` (the initial weights, so
+    call this before training) are read from the tokenized cache, or computed once by backend `b` and stored
+    there, keyed by the model's weight files and dtype. `formats` counts the train split's record shapes."""
+    from ..core.pairs import load_pairs, pack_pairs, read_reference, split_pairs, write_reference
+    from ..ui.progress import bytes_bar
+
+    with bytes_bar("tokenizing pairs") as progress:
+        train, entry = load_pairs(cfg.data, tok, "train", progress=progress, formats=formats)
+    valid = None
+    if Path(cfg.data).is_dir() and (Path(cfg.data) / "valid.jsonl").is_file():
+        valid = load_pairs(cfg.data, tok, "valid")
+    sets = [(train, entry, np.arange(len(train)))]
+    if valid is not None:
+        sets.append((valid[0], valid[1], np.arange(len(valid[0]))))
+    elif cfg.val_fraction > 0:
+        tr, va = split_pairs(len(train), cfg.val_fraction, cfg.seed)
+        sets = [(train, entry, tr)] + ([(train, entry, va)] if len(va) else [])
+    key = model_key(model_dir, "float32") if cfg.objective == "dpo" and cfg.trains_full else None
+    out = []
+    for pairs, cache_dir, idx in sets:
+        rows = pack_pairs([pairs[i] for i in idx], cfg.seq_len)
+        if key is not None:
+            table = read_reference(cache_dir, key, len(pairs))
+            if table is None:
+                table = b.reference_table(model, pack_pairs(pairs, cfg.seq_len), cfg.batch_size)
+                write_reference(cache_dir, key, table)
+            rows.reference = table[idx]
+        out.append(rows)
+    return out[0], (out[1] if len(out) > 1 else None)
 
 
 def split_loss(model, tok, data: str, split: str = "test", seq_len: int = 2048, batch_size: int = 4,
@@ -182,17 +232,23 @@ def finetune(config, *, resume: bool = False, overwrite: bool = False, display: 
 
 def _finetune(b, cfg, group, rank0, run_dir, resume, changes, display, callbacks) -> dict:
     model_dir = resolve_model(cfg.model, run_dir, cfg.seed, rank0, lambda: b.barrier(group))
-    dtype, why = (("float32", "full fine-tuning keeps fp32 master weights") if cfg.fine_tune == "full" else
+    dtype, why = (("float32", "full fine-tuning keeps fp32 master weights") if cfg.trains_full else
                   resolve_dtype(cfg.dtype, storage_dtype(model_dir), b.slow_dtypes()))
-    if cfg.fine_tune != "full":
+    if not cfg.trains_full:
         cfg = replace(cfg, dtype=dtype)  # config.yaml records the dtype used, so --resume loads the same
     model, tok = b.load(model_dir, dtype=dtype)
-    data, read = cfg.datasets or cfg.data, {}
-    train_rows, packed = load_rows(data, tok, cfg, "train", read)
-    # a single file is the train split; its validation rows are held out (val_fraction), not the file again
-    val_rows = None if isinstance(data, str) and Path(data).is_file() else load_rows(data, tok, cfg, "valid")[0]
-    if val_rows is None and cfg.val_fraction > 0:
-        train_rows, val_rows = split_rows(packed, cfg.val_fraction, cfg.seed)
+    data, read = cfg.datasets or cfg.data, {"sources": [], "formats": {}}
+    if cfg.objective == "sft":
+        train_rows, packed = load_rows(data, tok, cfg, "train", read)
+        # a single file is the train split; its validation rows are held out (val_fraction), not the file again
+        val_rows = None if isinstance(data, str) and Path(data).is_file() else load_rows(data, tok, cfg, "valid")[0]
+        if val_rows is None and cfg.val_fraction > 0:
+            train_rows, val_rows = split_rows(packed, cfg.val_fraction, cfg.seed)
+    else:
+        if cfg.datasets:
+            raise ValueError("config key 'datasets' (a mix of sources) is for supervised fine-tuning; a preference "
+                             f"run (fine_tune: {cfg.fine_tune}) reads one dataset of pairs: set 'data' instead")
+        train_rows, val_rows = load_pair_rows(cfg, tok, b, model, model_dir, read["formats"])
     lora_cfg = b.prepare_model(model, cfg, str(model_dir))
     return _train(b, model, cfg, train_rows, val_rows, run_dir, lora_cfg, str(model_dir), group, rank0, resume,
                   changes, display, callbacks, tok,

@@ -248,6 +248,25 @@ def _kv(table: Table, *pairs: tuple[str, str | Text]) -> None:
     table.add_row(*cells)
 
 
+def _preference_line(t: dict, ev: dict | None) -> Text:
+    """DPO / ORPO: reward margin and accuracy (train, then validation), chosen / rejected rewards, and ORPO's
+    NLL; the keys are TRL's names (`rewards/margins`, ...), shown under shorter labels."""
+    line = Text("reward margin ", style="dim")
+    line.append(_num(t.get("rewards/margins"), ".4f"), style=f"bold {TRAIN_STYLE}")
+    line.append("  acc ", style="dim")
+    line.append(_num(t.get("rewards/accuracies"), ".2f"), style=f"bold {TRAIN_STYLE}")
+    if ev is not None and "val_rewards/margins" in ev:
+        line.append("   val margin ", style="dim")
+        line.append(_num(ev.get("val_rewards/margins"), ".4f"), style=f"bold {VAL_STYLE}")
+        line.append("  acc ", style="dim")
+        line.append(_num(ev.get("val_rewards/accuracies"), ".2f"), style=f"bold {VAL_STYLE}")
+    line.append(f"   chosen {_num(t.get('rewards/chosen'), '.3f')} rejected {_num(t.get('rewards/rejected'), '.3f')}",
+                style="dim")
+    if "nll_loss" in t:
+        line.append(f"  nll {_num(t.get('nll_loss'), '.4f')}", style="dim")
+    return line
+
+
 def render(state: DashboardState, now: float | None = None, chart_height: int = 8,
            stale_after: float | None = None):
     """The dashboard panel for `state` (pure: nothing is read but the arguments).
@@ -291,10 +310,14 @@ def render(state: DashboardState, now: float | None = None, chart_height: int = 
     if state.last_eval is not None:
         loss.append("   val ", style="dim")
         loss.append(_num(state.last_eval.get("val_loss"), ".4f"), style=f"bold {VAL_STYLE}")
-        loss.append(f" (ppl {_num(state.last_eval.get('val_ppl'), '.2f')})", style="dim")
+        if state.last_eval.get("val_ppl") is not None:
+            loss.append(f" (ppl {_num(state.last_eval.get('val_ppl'), '.2f')})", style="dim")
     if state.best_val is not None:
         loss.append(f"   best val {state.best_val[1]:.4f} @ step {state.best_val[0]}", style="dim")
-    parts += [Text(""), loss, LossChart(state, chart_height), Text("")]
+    parts += [Text(""), loss]
+    if "rewards/margins" in t:  # DPO / ORPO: the reward margin and accuracy beside the loss
+        parts.append(_preference_line(t, state.last_eval))
+    parts += [LossChart(state, chart_height), Text("")]
 
     # Throughput, optimizer, memory, packing, checkpoint.
     stats = Table.grid(padding=(0, 1))
@@ -398,11 +421,18 @@ def format_line(event: dict, state: DashboardState | None = None) -> str | None:
                 f"{fmt_gb(state.start.get('memory_total') if state else None)}GB "
                 f"peak {fmt_gb(event.get('peak_memory'))}GB "
                 f"eff {_num(event.get('packing_efficiency') and 100 * event['packing_efficiency'], '.1f')}%")
+        if "rewards/margins" in event:
+            line += (f" margin {_num(event.get('rewards/margins'), '.4f')} "
+                     f"acc {_num(event.get('rewards/accuracies'), '.2f')}")
         if state is not None:
             line += f" elapsed {fmt_duration(state.elapsed())} eta {fmt_duration(state.eta())}"
         return line
     if kind == "eval":
         best = f" best {state.best_val[1]:.4f}" if state and state.best_val else ""
+        if "val_rewards/margins" in event:
+            return (f"eval step {event.get('step')} val_loss {_num(event.get('val_loss'), '.4f')} "
+                    f"val_margin {_num(event.get('val_rewards/margins'), '.4f')} "
+                    f"val_acc {_num(event.get('val_rewards/accuracies'), '.2f')}{best}")
         return (f"eval step {event.get('step')} val_loss {_num(event.get('val_loss'), '.4f')} "
                 f"val_ppl {_num(event.get('val_ppl'), '.2f')}{best}")
     if kind == "checkpoint":

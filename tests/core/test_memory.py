@@ -53,6 +53,43 @@ def test_prediction_within_20_percent_of_measured_peak(tmp_path, shape, batch, s
     assert 0.8 <= pred / measured <= 1.2, (pred, measured)
 
 
+@pytest.mark.parametrize("shape,batch,seq_len,ckpt,objective,weights", [
+    ("tiny-vocab32k", 2, 128, False, "dpo", "lora"), ("tiny-vocab32k", 2, 128, False, "orpo", "lora"),
+    ("tiny-vocab32k", 2, 128, False, "dpo", "full"), ("small", 2, 256, True, "orpo", "lora")])
+def test_preference_prediction_within_20_percent_of_measured_peak(tmp_path, shape, batch, seq_len, ckpt, objective,
+                                                                   weights):
+    """DPO / ORPO steps on packed pairs (DPO's reference: adapters off in the step, or precomputed for full)."""
+    from mlx_mistral.backends.mlx.preference import reference_table
+    from mlx_mistral.core.pairs import Pair, pack_pairs
+
+    args = ModelArgs(**SHAPES[shape])
+    mx.random.seed(0)
+    model = Model(args)
+    rng = np.random.default_rng(0)
+    pairs = []
+    for _ in range(8 * batch):
+        p = rng.integers(3, args.vocab_size, rng.integers(8, seq_len // 4))
+        sides = []
+        for _ in range(2):
+            c = rng.integers(3, args.vocab_size, rng.integers(4, seq_len // 4))
+            sides += [np.r_[p, c].astype(np.int32), np.r_[np.zeros(len(p)), np.ones(len(c))].astype(np.int32)]
+        pairs.append(Pair(*sides))
+    rows = pack_pairs(pairs, seq_len)
+    if objective == "dpo" and weights == "full":
+        rows.reference = reference_table(model, rows)
+    cfg = TrainConfig(fine_tune=objective, pref_weights=weights, steps=2, batch_size=batch, seq_len=seq_len,
+                      grad_checkpoint=ckpt, eval_every=0, save_every=0, lora_rank=8, out=str(tmp_path))
+    lc = prepare_model(model, cfg, "m")
+    mx.eval(model.parameters())
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    Trainer(model, cfg, rows, lora_config=lc).run()
+    measured = mx.get_peak_memory()
+    pred = estimate(args, batch_size=batch, seq_len=seq_len, fine_tune=weights, objective=objective,
+                    trainable_params=trainable_count(model), grad_checkpoint=ckpt).total
+    assert 0.8 <= pred / measured <= 1.2, (pred, measured)
+
+
 def test_weight_bytes_and_sizes():
     args = bundled_config("mistral-7b-v0.3")
     assert weight_bytes(args, dtype="bfloat16") == 2 * args.param_count() == 2 * 7_248_023_552

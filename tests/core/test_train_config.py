@@ -109,3 +109,22 @@ def test_resume_differences_split_fixed_and_free():
     fixed, free = resume_differences(saved, asked)
     assert fixed == {"seq_len": (128, 256)}
     assert free == {"steps": (10, 20), "log_every": (1, 5)}
+
+
+def test_preference_keys_defaults_and_conflicts():
+    """fine_tune: dpo|orpo with pref_weights; lr null = the objective's default; keys that would be ignored
+    are refused by name."""
+    assert (TrainConfig().lr, TrainConfig(fine_tune="full").lr) == (1.4e-4, 1.4e-4)
+    assert TrainConfig(fine_tune="dpo").lr == 5e-6 and TrainConfig(fine_tune="orpo", pref_weights="full").lr == 1e-6
+    assert TrainConfig(fine_tune="dpo", lr=1e-4).lr == 1e-4
+    c = TrainConfig.from_dict({"fine_tune": "dpo", "beta": "0.5", "dpo_loss": "robust", "label_smoothing": 0.1})
+    assert (c.objective, c.trains_full, c.beta) == ("dpo", False, 0.5)
+    assert TrainConfig(fine_tune="orpo", pref_weights="full").trains_full
+    for bad, match in [({"beta": 0.2}, "'beta' apply to preference tuning only"),
+                       ({"fine_tune": "dpo", "label_smoothing": 0.1}, "use dpo_loss: robust or cdpo"),
+                       ({"fine_tune": "orpo", "dpo_loss": "robust"}, "DPO's; ORPO has one loss"),
+                       ({"fine_tune": "dpo", "pref_weights": "full", "quantize": 4}, "'pref_weights: full' and 'quantize'"),
+                       ({"fine_tune": "dpo", "beta": 0}, "'beta'"),
+                       ({"fine_tune": "dpo", "label_smoothing": 0.5, "dpo_loss": "robust"}, "'label_smoothing'")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig.from_dict(bad)

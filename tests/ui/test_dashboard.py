@@ -428,3 +428,39 @@ def test_dashboard_command_follows_a_growing_file(tmp_path):
     assert rc == 0, out
     assert "following" in out and "partial last line" in out
     assert out.index("step 50/200") < out.index("step 200/200") < out.index("Run summary")
+
+
+def preference_events(objective="dpo"):
+    """A DPO (or ORPO) run's events: the trainer's keys, TRL's metric names."""
+    evs = synthetic_events(n_steps=40, eval_every=20)
+    evs[0]["fine_tune"] = objective
+    for e in evs:
+        s = e.get("step", 0)
+        if e["event"] == "train":
+            e.update({"loss": 0.6931 - s / 100, "rewards/chosen": 0.01 * s, "rewards/rejected": -0.02 * s,
+                      "rewards/margins": 0.03 * s, "rewards/accuracies": min(1.0, 0.5 + s / 80),
+                      "logps/chosen": -40.0, "logps/rejected": -42.0})
+            if objective == "orpo":
+                e["nll_loss"] = 2.5
+        elif e["event"] == "eval":
+            e.pop("val_ppl")
+            e.update({"val_loss": 0.66, "val_rewards/margins": 0.0125, "val_rewards/accuracies": 0.8125})
+    return evs
+
+
+def test_preference_run_shows_margin_and_accuracy_next_to_the_loss():
+    st = fold(preference_events()[:8])  # through step 40's train event, eval at 20
+    out = text_of(render(st), width=110)
+    lines = out.splitlines()
+    at = next(i for i, x in enumerate(lines) if "loss 0.2931" in x)
+    assert "val 0.6600" in lines[at] and "ppl" not in lines[at]  # no perplexity for a preference loss
+    pref = lines[at + 1]
+    for needle in ("reward margin 1.2000", "acc 1.00", "val margin 0.0125", "acc 0.81", "chosen 0.400",
+                   "rejected -0.800"):
+        assert needle in pref, (needle, pref)
+    assert "nll" not in pref
+    orpo = text_of(render(fold(preference_events("orpo")[:8])), width=110)
+    assert "nll 2.5000" in orpo
+    plain = [format_line(e) for e in preference_events()]
+    assert any(x and x.endswith("margin 0.3000 acc 0.62") for x in plain)
+    assert "eval step 20 val_loss 0.6600 val_margin 0.0125 val_acc 0.81" in plain

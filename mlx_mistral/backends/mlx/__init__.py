@@ -13,7 +13,8 @@ from .distributed import barrier, init_group  # noqa: E402
 from .generate import generate, stream_generate  # noqa: E402
 from .loader import load, slow_dtypes  # noqa: E402
 from .lora import load_adapters  # noqa: E402
+from .preference import reference_table  # noqa: E402
 from .trainer import Trainer, dataset_loss, prepare_model  # noqa: E402
 
 __all__ = ["load", "prepare_model", "Trainer", "generate", "stream_generate", "dataset_loss", "load_adapters",
-           "init_group", "barrier", "slow_dtypes"]
+           "init_group", "barrier", "slow_dtypes", "reference_table"]

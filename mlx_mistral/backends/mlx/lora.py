@@ -49,9 +49,12 @@ class LoRALinear(nn.Module):
         bound = 1 / math.sqrt(n_in)  # A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0: the adapter starts as a no-op
         self.lora_a = mx.random.uniform(-bound, bound, (n_in, rank), dtype=mx.float32, key=key)
         self.lora_b = mx.zeros((rank, n_out), dtype=mx.float32)
+        self.enabled = True  # False: the base layer alone (DPO's reference pass; read at trace time)
 
     def __call__(self, x):
         y = self.base(x)
+        if not self.enabled:
+            return y
         z = (self.dropout(x).astype(mx.float32) @ self.lora_a) @ self.lora_b  # (..., out) in fp32
         return y + (self.scale * z).astype(y.dtype)
 
@@ -112,6 +115,16 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> int:
+    """Switch every adapter of `model` on or off in place (no weights copied); returns how many. Off, the
+    model computes exactly its base model (DPO's reference). Under `mx.compile` the switch is read while
+    tracing: a function traced with the adapters off stays so."""
+    mods = lora_modules(model)
+    for m in mods.values():
+        m.enabled = enabled
+    return len(mods)
 
 
 def save_adapters(run_dir: str | Path, model: nn.Module, config: dict | None = None):

@@ -23,6 +23,7 @@ from ...core.checkpoints import check_names
 from ...core.loop import Rows, TrainLoop, batch_rows, dropout_seed, micro_rows
 from ...core.train_config import TrainConfig
 from .loader import load_safetensors, quantize_model, save_safetensors
+from . import preference
 from .lora import adapter_weights, apply_specs, save_adapters
 
 
@@ -153,6 +154,41 @@ class Trainer(TrainLoop):
             update = mx.compile(update, inputs=state, outputs=state)
             evaluate = mx.compile(evaluate, inputs=state, outputs=state)
         self._micro, self._update, self._evaluate = micro, update, evaluate
+        if cfg.objective != "sft":
+            self._build_preference_steps(state)
+
+    def _build_preference_steps(self, state):
+        """DPO / ORPO: the policy pass with its gradient, its value alone (evaluation) and the reference pass
+        (adapters off), each compiled on its own: the adapter switch is read while tracing."""
+        model, cfg, slots = self.model, self.cfg, self.pair_slots
+        fn = preference.micro_fn(cfg, slots)
+        value_grad = nn.value_and_grad(model, fn)
+
+        def pref_micro(*batch):
+            (_, per_pair), grads = value_grad(model, *batch)
+            return per_pair, grads
+
+        def pref_value(*batch):
+            return fn(model, *batch)[1]
+
+        def ref(tokens, seg, pos, targets, weights, local):
+            return preference.reference_logps(model, tokens, seg, pos, targets, weights, local, 2 * slots)
+
+        if cfg.compile:
+            pref_micro = mx.compile(pref_micro, inputs=state, outputs=state)
+            pref_value = mx.compile(pref_value, inputs=state, outputs=state)
+            ref = mx.compile(ref, inputs=state, outputs=state)
+        self._pref_micro, self._pref_value, self._ref = pref_micro, pref_value, ref
+
+    def _pref_batch(self, arrays, valid, ref, n_pairs: int, nll_tokens: int) -> tuple:
+        """The MLX inputs of a preference micro-step; the reference evaluated now when not precomputed."""
+        tokens, seg, pos, targets, weights, full, local = _mx(arrays)
+        if ref is None:
+            ref = self._ref(tokens, seg, pos, targets, weights, local) if self.cfg.objective == "dpo" \
+                else mx.zeros((2 * self.pair_slots,), mx.float32)
+            mx.eval(ref)  # the reference's activations are freed before the policy pass
+        return (tokens, seg, pos, targets, weights, full, local, mx.array(ref), mx.array(valid),
+                mx.array(float(n_pairs)), mx.array(float(nll_tokens)))
 
     # -- backend hooks of TrainLoop -----------------------------------------------------------------------
     def _device_name(self) -> str:
@@ -186,6 +222,8 @@ class Trainer(TrainLoop):
         The reported loss adds the per-row loss sums of the whole global batch in float64, in global row
         order, so it does not depend on how rows were split across micro-steps and ranks."""
         cfg = self.cfg
+        if cfg.objective != "sft":
+            return self._preference_step(step)
         rows = batch_rows(cfg.seed, step, self.global_batch, len(self.train_rows))
         n_tokens = int(self.train_rows.weights[rows].sum())
         denom = mx.array(max(n_tokens, 1), mx.float32)
@@ -205,6 +243,31 @@ class Trainer(TrainLoop):
         mx.eval(row_sums)
         total = np.concatenate([np.array(r) for r in row_sums]).astype(np.float64).sum()
         return float(total / max(n_tokens, 1)), partial(self._apply, grads), n_tokens
+
+    def _preference_step(self, step: int):
+        """DPO / ORPO: per micro-step the reference pass (adapters off, or the precomputed table), then the
+        policy pass with its gradient; the loss and metrics from the per-pair values of the whole batch."""
+        micro, n_pairs, nll_tokens, n_tokens = self._pref_step_plan(step)
+        per_pair, pair_ids, grads = [], [], None
+        self.model.train()
+        for m, (arrays, ids, valid, ref) in enumerate(micro):
+            mx.random.seed(dropout_seed(self.cfg.seed, step, m, self.rank))
+            values, g = self._pref_micro(*self._pref_batch(arrays, valid, ref, n_pairs, nll_tokens))
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(values, grads, mx.random.state)  # bound the graph (and memory) to one micro-step
+            per_pair.append({k: np.array(v) for k, v in values.items()})
+            pair_ids.append(ids)
+        return self._pref_finish(per_pair, pair_ids), partial(self._apply, grads), n_tokens
+
+    def _pair_values(self, rows, batches) -> dict:
+        """Per-pair values (numpy, in pair order) of `rows` over `batches`, no gradient (evaluation)."""
+        out, ids_all = [], []
+        for arrays, ids, valid, ref in self._pair_micro_batches(rows, batches):
+            values = self._pref_value(*self._pref_batch(arrays, valid, ref, max(len(ids), 1), 1))
+            mx.eval(values)
+            out.append({k: np.array(v) for k, v in values.items()})
+            ids_all.append(ids)
+        return loop.gather_pairs(self.cfg.objective, out, ids_all)
 
     def _apply(self, grads, lr: float) -> float:
         """Clip and apply `grads` at learning rate `lr`; returns the global gradient norm."""

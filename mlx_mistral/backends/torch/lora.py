@@ -46,9 +46,12 @@ class LoRALinear(nn.Module):
         a = torch.rand(n_in, rank, generator=generator, dtype=torch.float32) * 2 * bound - bound
         self.lora_a = nn.Parameter(a.to(device))
         self.lora_b = nn.Parameter(torch.zeros(rank, n_out, dtype=torch.float32, device=device))
+        self.enabled = True  # False: the base layer alone (DPO's reference pass)
 
     def forward(self, x):
         y = self.base(x)
+        if not self.enabled:
+            return y
         z = (self.dropout(x).float() @ self.lora_a) * self.scale  # (..., r): scaling r columns, not `out`
         return y + (z @ self.lora_b).to(y.dtype)  # fp32 (bf16 under autocast)
 
@@ -106,6 +109,15 @@ def apply_lora(model, targets="all-linear", *, dropout: float = 0.0, seed: int =
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> int:
+    """Switch every adapter of `model` on or off in place (no weights copied); returns how many. Off, the
+    model computes exactly its base model (DPO's reference)."""
+    mods = lora_modules(model)
+    for m in mods.values():
+        m.enabled = enabled
+    return len(mods)
 
 
 def adapter_weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from ...core.checkpoints import check_names
 from ...core.loop import Rows, TrainLoop, batch_rows, dropout_seed, micro_rows
 from ...core.train_config import TrainConfig
 from .loader import load_safetensors, save_safetensors
+from . import preference
 from .lora import adapter_weights, apply_specs, quantize_4bit, save_adapters
 
 
@@ -258,6 +259,8 @@ class TorchTrainer(TrainLoop):
         """Accumulate the gradient of the global batch of `step` into `.grad`; returns (loss, update, loss
         tokens); the caller applies `update(lr)` after checking the loss."""
         cfg = self.cfg
+        if cfg.objective != "sft":
+            return self._preference_step(step)
         rows = batch_rows(cfg.seed, step, self.global_batch, len(self.train_rows))
         n_tokens = int(self.train_rows.weights[rows].sum())
         denom = float(max(n_tokens, 1))
@@ -274,6 +277,36 @@ class TorchTrainer(TrainLoop):
             (s * (self.world / denom)).backward()  # DDP averages over ranks: undo it
             loss_sum += s.detach()
         return float(self._all_sum(loss_sum)) / denom, self._apply, n_tokens
+
+    def _preference_step(self, step: int):
+        """DPO / ORPO: per micro-step the reference pass (adapters off, or the precomputed table), then the
+        policy pass and its backward; the loss and metrics from the per-pair values of the whole batch."""
+        micro, n_pairs, nll_tokens, n_tokens = self._pref_step_plan(step)
+        for p in self.params.values():
+            p.grad = None
+        self.model.train()
+        per_pair, pair_ids = [], []
+        for m, (arrays, ids, valid, ref) in enumerate(micro):
+            torch.manual_seed(dropout_seed(self.cfg.seed, step, m, self.rank))
+            with self._amp():
+                loss, values = preference.micro_loss(self.model, self.cfg, self.pair_slots, arrays, valid, ref,
+                                                     n_pairs, nll_tokens, self.device)
+            loss.backward()
+            per_pair.append({k: v.detach().float().cpu().numpy() for k, v in values.items()})
+            pair_ids.append(ids)
+        return self._pref_finish(per_pair, pair_ids), self._apply, n_tokens
+
+    @torch.no_grad()
+    def _pair_values(self, rows, batches) -> dict:
+        """Per-pair values (numpy, in pair order) of `rows` over `batches`, no gradient (evaluation)."""
+        out, ids_all = [], []
+        for arrays, ids, valid, ref in self._pair_micro_batches(rows, batches):
+            with self._amp():
+                _, values = preference.micro_loss(self.model, self.cfg, self.pair_slots, arrays, valid, ref,
+                                                  max(len(ids), 1), 1, self.device)
+            out.append({k: v.float().cpu().numpy() for k, v in values.items()})
+            ids_all.append(ids)
+        return loop.gather_pairs(self.cfg.objective, out, ids_all)
 
     def _apply(self, lr: float) -> float:
         """Clip the accumulated gradient and take an AdamW step at `lr`; returns the global norm."""
