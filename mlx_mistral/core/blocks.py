@@ -22,13 +22,19 @@ MODES = ("auto", "dense", "blockwise")
 # scores are small); blockwise from here on.
 AUTO_MIN_LEN = 1024
 AUTO_BLOCK_MIN, AUTO_BLOCK_MAX = 64, 512
+AUTO_BAND_SCORES = 1 << 22  # scores per head of one block without a window (4M: 16 MB fp32)
 
 
-def auto_block(window: int | None) -> int:
+def auto_block(window: int | None, seq_len: int | None = None) -> int:
     """Query block size for a model with sliding `window` (None: full attention): about half the window,
-    a power of two in [64, 512], so a block's band (C + W keys) stays near 1.5 W."""
+    a power of two in [64, 512], so a block's band (C + W keys) stays near 1.5 W. Without a window a band
+    is up to `seq_len` keys, so the block shrinks as rows grow: the largest power of two with
+    C x seq_len <= AUTO_BAND_SCORES (512 up to 8k tokens, 128 at 32k)."""
     if window is None:
-        return AUTO_BLOCK_MAX
+        c = AUTO_BLOCK_MAX
+        while seq_len and c > AUTO_BLOCK_MIN and c * seq_len > AUTO_BAND_SCORES:
+            c //= 2
+        return c
     c = 1 << max(0, (window // 2).bit_length() - 1)  # the power of two <= W/2
     return int(min(AUTO_BLOCK_MAX, max(AUTO_BLOCK_MIN, c)))
 
@@ -44,7 +50,7 @@ def choose(seq_len: int, window: int | None, mode: str = "auto", block: int | No
         raise ValueError(f"attention_block must be a positive number of tokens, got {block}")
     if mode == "dense":
         return None
-    c = block or auto_block(window)
+    c = block or auto_block(window, seq_len)
     if mode == "blockwise":
         return min(c, seq_len)
     if seq_len < AUTO_MIN_LEN or seq_len <= 2 * c:
@@ -85,3 +91,19 @@ def plan(seq_len: int, block: int, window: int | None = None, segment_ids=None) 
 def peak_scores(seq_len: int, block: int, window: int | None) -> int:
     """Largest number of (query, key) scores one head holds for one block of the plan (no segment ids)."""
     return max((q1 - q0) * (q1 - k0) for q0, q1, k0 in plan(seq_len, block, window))
+
+
+def describe(seq_len: int, window: int | None, mode: str = "auto", block: int | None = None) -> dict:
+    """The attention path of a run, for its start event: attention (dense / blockwise), attention_block
+    (None when dense) and attention_reason (why, in words)."""
+    c = choose(seq_len, window, mode, block)
+    if mode != "auto":
+        why = f"attention: {mode} in the config"
+    elif c is None:
+        why = (f"rows of {seq_len} tokens are short (under {AUTO_MIN_LEN}, or at most two blocks): "
+               "one dense score matrix per layer is faster there")
+    else:
+        why = (f"rows of {seq_len} tokens: blocks of {c} queries, each seeing "
+               f"{'only its window' if window else 'only the keys before it'}, keep attention memory "
+               "linear in the row")
+    return {"attention": "dense" if c is None else "blockwise", "attention_block": c, "attention_reason": why}

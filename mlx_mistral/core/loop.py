@@ -43,7 +43,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import checkpoints
+from . import blocks, checkpoints
 from . import preference as pref
 from .adapters import config_for, fingerprint, plan_for_config
 from .io import write_json
@@ -384,6 +384,8 @@ class TrainLoop:
                     "total_steps": cfg.steps, "start_step": start_step, "seq_len": cfg.seq_len,
                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "packing": cfg.packing,
                     "packing_efficiency": self.train_rows.efficiency, "memory_total": self._memory_total(),
+                    **blocks.describe(cfg.seq_len, self.model.args.sliding_window, cfg.attention,
+                                      cfg.attention_block),
                     **self.start_info})
         last_loss, reason, message, last_ckpt = None, "done", "", None
         step = start_step

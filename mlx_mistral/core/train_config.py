@@ -125,6 +125,15 @@ class TrainConfig:
     grad_clip: float = key(1.0, "Clip the global gradient norm to this; 0 = off", kind="float", min=0, resume="free")
     grad_checkpoint: bool = key(False, "Recompute each layer in the backward pass instead of storing its "
                                        "activations", kind="bool", resume="free")
+    attention: str = key("auto", "Attention in training and full forward passes. blockwise: queries in blocks, each "
+                                 "attending only to the key band it can see (window, document start), so memory "
+                                 "grows linearly with the row; dense: one (L, L) masked score matrix per layer "
+                                 "(faster for short rows); auto: dense below 1024 tokens per row, blockwise above. "
+                                 "The start event says which was used", kind="str",
+                         choices=("auto", "dense", "blockwise"), resume="free")
+    attention_block: int | None = key(None, "Query block size of blockwise attention; null = about half the "
+                                            "window, a power of two in 64..512 (512 without a window)", kind="int",
+                                      min=1, nullable=True, resume="free")
     compile: bool = key(True, "Compile the training step (mx.compile; torch.compile on CUDA)", kind="bool",
                         resume="free")
     seed: int = key(0, "Seed of the data order, adapter initialisation and dropout", kind="int", min=0)

@@ -23,8 +23,17 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+import numpy as np
+
+from ...core import blocks as block_plan
 from ...core.config import ModelArgs
 from ...core.masks import allowed, causal_mask
+from . import blockwise
+
+# Tokens per chunk of a chunked layer part (the MLP in a checkpointed layer's recomputation) and of the
+# chunked loss: (chunk, intermediate) and (chunk, vocab) are the largest tensors they hold.
+LAYER_CHUNK = 1024
+LOSS_CHUNK = 1024
 
 
 # ---- masks and positions (the rule is core/masks.py's) ------------------------------------------------
@@ -132,13 +141,24 @@ def make_cache(model: "Model") -> list:
 
 
 # ---- layers ------------------------------------------------------------------------------------------
-def apply_rope(x: mx.array, theta: float, positions: mx.array | None, offset: int) -> mx.array:
+def rope_freqs(theta: float, dim: int) -> mx.array:
+    """The wavelengths `mx.fast.rope` takes as `freqs`: 1 / transformers' fp32 `inv_freq`.
+
+    `mx.fast.rope(base=theta)` derives its frequencies in its own arithmetic, which drifts from
+    transformers' rotation with position (4.7e-4 at 8192 positions); from transformers' own fp32
+    `inv_freq = 1 / theta ** (arange(0, dim, 2) / dim)` it stays within 5e-7."""
+    exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exps)).astype(np.float32)  # (dim/2,)
+    return mx.array(np.float32(1.0) / inv_freq)
+
+
+def apply_rope(x: mx.array, freqs: mx.array, positions: mx.array | None, offset: int) -> mx.array:
     """RoPE (HF's rotate-half layout) on (B, H, L, D), with per-token `positions` (B, L) if given."""
     B, H, L, D = x.shape
     if positions is None:
-        return mx.fast.rope(x, D, traditional=False, base=theta, scale=1.0, offset=offset)
+        return mx.fast.rope(x, D, traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs)
     y = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)  # (B*L, H, 1, D): one offset per token
-    y = mx.fast.rope(y, D, traditional=False, base=theta, scale=1.0, offset=positions.reshape(-1))
+    y = mx.fast.rope(y, D, traditional=False, base=None, scale=1.0, offset=positions.reshape(-1), freqs=freqs)
     return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)  # (B, H, L, D)
 
 
@@ -147,24 +167,30 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.scale = self.head_dim ** -0.5
-        self.rope_theta = args.rope_theta
+        self.window = args.sliding_window
+        self._freqs = rope_freqs(args.rope_theta, self.head_dim)  # underscore: not a parameter
         h = args.hidden_size
         self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
 
-    def __call__(self, x, mask, positions=None, cache=None):
+    def __call__(self, x, mask, positions=None, cache=None, blocks=None):
+        """`mask`: the dense mask (or None / "causal"); with `blocks` (a `core.blocks.plan`), the packed
+        rows' segment ids (B, L) or None, and attention runs blockwise."""
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, H, L, D)
         k = self.k_proj(x).reshape(B, L, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_kv, L, D)
         v = self.v_proj(x).reshape(B, L, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)  # (B, n_kv, L, D)
         offset = cache.offset if cache is not None else 0
-        q = apply_rope(q, self.rope_theta, positions, offset)
-        k = apply_rope(k, self.rope_theta, positions, offset)
+        q = apply_rope(q, self._freqs, positions, offset)
+        k = apply_rope(k, self._freqs, positions, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, n_kv, Lk, D)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # (B, H, L, D)
+        if blocks is not None:
+            out = blockwise.attention(q, k, v, self.scale, blocks, self.window, mask)  # (B, H, L, D)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # (B, H, L, D)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -259,10 +285,23 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x, mask, positions=None, cache=None):
-        h = x + self.self_attn(self.input_layernorm(x), mask, positions, cache)
+    def __call__(self, x, mask, positions=None, cache=None, blocks=None, chunk=None):
+        """`chunk`: run the MLP (with its norm) on chunks of this many tokens (exact: it is per token)."""
+        h = x + self.self_attn(self.input_layernorm(x), mask, positions, cache, blocks)
         ffn = self.block_sparse_moe if "block_sparse_moe" in self else self.mlp
-        return h + ffn(self.post_attention_layernorm(h))
+        norm = self.post_attention_layernorm
+        # Mixtral's experts are not chunked: MLX differentiates `gather_mm` by vmapping its inputs, which a
+        # custom function's per-chunk backward does not support (the expert MLP is k x intermediate/token).
+        if chunk is None or h.shape[1] <= chunk or "block_sparse_moe" in self:
+            return h + ffn(norm(h))
+
+        def part(params, hc):
+            ffn.update(params.get("ffn", {}))
+            norm.update(params.get("norm", {}))
+            return ffn(norm(hc))
+
+        params = {"ffn": ffn.trainable_parameters(), "norm": norm.trainable_parameters()}
+        return h + blockwise.chunked(part, params, h, chunk)
 
 
 class MistralModel(nn.Module):
@@ -283,6 +322,9 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.checkpoint_layers = False  # per-layer gradient checkpointing (set by the trainer)
+        self.attention = "auto"  # auto / dense / blockwise, and the block size (None: auto); see core/blocks.py
+        self.attention_block = None
+        self.chunk_layers = True  # chunked MLP in checkpointed layers (off with dropout: its masks are per shape)
 
     @property
     def layers(self):
@@ -302,9 +344,31 @@ class Model(nn.Module):
             return causal_mask(mx.arange(L), mx.arange(L), w)  # (L, L)
         return "causal"
 
+    def block_size(self, L: int, cache=None) -> int | None:
+        """The query block size for rows of L tokens, or None when this pass runs dense attention."""
+        if cache is not None:
+            return None  # generation: the rotating cache already bounds the keys to the window
+        return block_plan.choose(L, self.args.sliding_window, self.attention, self.attention_block)
+
     def __call__(self, tokens=None, segment_ids=None, positions=None, cache=None, inputs_embeds=None):
         """Logits (B, L, vocab). Packed rows pass `segment_ids` (0 = padding) and optionally `positions`
         (default: restart at 0 per segment). `inputs_embeds` (B, L, hidden) replaces the token lookup."""
+        return self.logits(self.hidden_states(tokens, segment_ids, positions, cache, inputs_embeds))
+
+    def logits(self, h: mx.array) -> mx.array:
+        """(B, L, vocab) from the final hidden states."""
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def head_parameters(self) -> dict:
+        """The trainable parameters `logits` uses (for a chunked loss that differentiates them)."""
+        if self.args.tie_word_embeddings:
+            return {"model": {"embed_tokens": self.model.embed_tokens.trainable_parameters()}}
+        return {"lm_head": self.lm_head.trainable_parameters()}
+
+    def hidden_states(self, tokens=None, segment_ids=None, positions=None, cache=None, inputs_embeds=None):
+        """The final normed hidden states (B, L, hidden); see `__call__`."""
         h = self.model.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds  # (B, L, hidden)
         L = h.shape[1]
         if segment_ids is not None:
@@ -315,25 +379,27 @@ class Model(nn.Module):
                 positions = positions_from_segments(segment_ids)
         if positions is not None:
             positions = mx.array(positions).astype(mx.int32)
-        mask = self.build_mask(L, segment_ids, cache)
+        C = self.block_size(L, cache)
+        if C is None:
+            mask, plan, chunk = self.build_mask(L, segment_ids, cache), None, None
+        else:  # blockwise: each block builds its own small mask from the segment ids
+            mask, plan = segment_ids, block_plan.plan(L, C, self.args.sliding_window)
+            chunk = LAYER_CHUNK if self.checkpoint_layers and self.chunk_layers else None
         for i, layer in enumerate(self.layers):
             c = cache[i] if cache is not None else None
             if self.checkpoint_layers and c is None:
-                h = _checkpointed(layer)(h, mask, positions)
+                h = _checkpointed(layer, plan, chunk)(h, mask, positions)
             else:
-                h = layer(h, mask, positions, c)
-        h = self.model.norm(h)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)  # (B, L, vocab)
+                h = layer(h, mask, positions, c, plan)
+        return self.model.norm(h)  # (B, L, hidden)
 
 
-def _checkpointed(layer: TransformerBlock):
+def _checkpointed(layer: TransformerBlock, plan=None, chunk=None):
     """Recompute `layer` in the backward pass instead of storing its activations."""
 
     def inner(params, h, mask, positions):
         layer.update(params)
-        return layer(h, mask, positions)
+        return layer(h, mask, positions, None, plan, chunk)
 
     fn = mx.checkpoint(inner)
     return lambda h, mask, positions: fn(layer.trainable_parameters(), h, mask, positions)

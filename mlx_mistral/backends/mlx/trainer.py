@@ -23,7 +23,8 @@ from ...core.checkpoints import check_names
 from ...core.loop import Rows, TrainLoop, batch_rows, dropout_seed, micro_rows
 from ...core.train_config import TrainConfig
 from .loader import load_safetensors, quantize_model, save_safetensors
-from . import preference
+from . import blockwise, preference
+from .model import LOSS_CHUNK
 from .lora import adapter_weights, apply_specs, save_adapters
 
 
@@ -35,9 +36,17 @@ def _mx(arrays) -> tuple:
 def row_losses(model, tokens, segment_ids, positions, targets, weights):
     """(per-row sums of weighted token losses (B,), number of loss tokens) of one batch, fp32."""
     tokens, segment_ids, positions, targets, weights = _mx((tokens, segment_ids, positions, targets, weights))
+    w = weights.astype(mx.float32)
+    if model.block_size(tokens.shape[1]) is not None:  # long rows: the head and the loss a chunk at a time
+        h = model.hidden_states(tokens, segment_ids=segment_ids, positions=positions)  # (B, L, hidden)
+
+        def head(params, hc):
+            model.update(params)
+            return model.logits(hc)
+
+        return blockwise.chunked_loss(head, model.head_parameters(), h, targets, weights, LOSS_CHUNK), w.sum()
     logits = model(tokens, segment_ids=segment_ids, positions=positions)  # (B, L, vocab)
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")  # (B, L)
-    w = weights.astype(mx.float32)
     return (ce * w).sum(axis=1), w.sum()
 
 
@@ -126,6 +135,8 @@ class Trainer(TrainLoop):
     def _build_steps(self):
         model, opt, cfg = self.model, self.optimizer, self.cfg
         model.checkpoint_layers = cfg.grad_checkpoint
+        model.attention, model.attention_block = cfg.attention, cfg.attention_block
+        model.chunk_layers = cfg.lora_dropout == 0  # dropout draws its masks per shape: chunks would differ
 
         def loss_fn(model, tokens, seg, pos, targets, weights, denom):
             rows, _ = row_losses(model, tokens, seg, pos, targets, weights)
