@@ -18,17 +18,19 @@ ORPO do (`DPO_EXTRA_LOGIT_COPIES`).
 The constants were fitted to `mx.get_peak_memory()` on the CPU backend (tests/core/test_memory.py checks
 them to within 20% on tiny and small models); treat predictions for large models as estimates.
 
-Two attention paths (`attention`, as the config key; `core.blocks.choose` picks the block size):
+Two attention paths (`attention` and `attention_block`, the config keys; `core.blocks.choose` decides):
 - dense: one (B, H, L, L) score tensor per layer, the window only a mask (the model above);
 - blockwise: queries in blocks of C tokens, each block's backward recomputing its scores over its key band
-  (at most C + W - 1 keys, or up to L without a window) one block at a time, so attention holds one block's
-  scores, H x C x band, instead of H x L x L. Checkpointed layers are recomputed with the MLP in chunks of
-  `mlp_chunk` tokens (no (L, intermediate) tensor), and the loss computes logits `loss_chunk` tokens at a
-  time (no (B, L, vocab) tensor). What stays linear in L: each layer's input (B, L, hidden), and in the one
-  layer being recomputed its projections, attention output, residuals and their gradients.
-The blockwise constants (`BLOCKWISE_*`, `MLP_CHUNK`, `LOSS_CHUNK`) are counts of the tensors the path
-keeps, not yet fitted to measurements: calibrate them against `mx.get_peak_memory()` of the MLX blockwise
-path (see tests/core/test_memory.py) and note here when they were.
+  (at most C + W - 1 keys; up to L without a window) one block at a time, so attention holds one block's
+  scores, B x H x C x band, instead of B x H x L x L. Checkpointed layers are recomputed with the MLP in
+  chunks of `mlp_chunk` tokens (no (L, intermediate) tensor; Mixtral's experts are not chunked), and the SFT
+  loss computes logits `loss_chunk` tokens at a time (no (B, L, vocab) tensor; DPO / ORPO still take whole
+  rows' log-probs). What grows with L: each checkpointed layer's input (B, L, hidden) and, in the one layer
+  being recomputed, its projections, attention output, residuals and their gradients. Without
+  checkpointing every layer keeps its activations as on the dense path, less the scores.
+Calibration: the blockwise constants below (`BLOCKWISE_*`, `CHUNK_LOGIT_COPIES`, `LOSS_HIDDEN_COPIES`) are
+counts of the tensors the path keeps, not yet fitted: fit them to `mx.get_peak_memory()` of the MLX
+blockwise path (the ±20% test in tests/core/test_memory.py, extended to long rows) and say so here.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ BLOCKWISE_SCORE_BYTES = 16.0
 BLOCKWISE_LAYER_SCALE = 1.0
 # fp32 copies of one projection's LoRA side path alive at once (its input cast to fp32, its fp32 output).
 BLOCKWISE_LORA_FP32_COPIES = 2.0
-# Tokens per chunk of the checkpointed layer's MLP and of the loss (the backends' chunk sizes).
+# Tokens per chunk of the checkpointed layer's MLP and of the SFT loss (the backends' chunk sizes: MLX's
+# model.LAYER_CHUNK and LOSS_CHUNK).
 MLP_CHUNK = 1024
 LOSS_CHUNK = 1024
 # Live (B, chunk, vocab) fp32 copies in one chunk of the loss (logits, their log-softmax, the gradient), and
@@ -156,7 +159,10 @@ def blockwise_activation_bytes(args: ModelArgs, batch: int, seq_len: int, checkp
     inputs = args.num_hidden_layers * batch * seq_len * h * db  # each checkpointed layer's input
     wide = (3 * h + 6 * q + 7 * kv) * db + side * max(h, q)  # per token, whole row
     mlp = 2 * (4 * i + 2 * h) * db + side * max(h, i)  # per token, one MLP chunk
-    recomputed = BLOCKWISE_LAYER_SCALE * batch * (seq_len * wide + min(mlp_chunk, seq_len) * mlp)
+    # Mixtral's experts are not chunked (MLX differentiates gather_mm by vmap, which the chunks' custom
+    # backward does not support): its MLP holds the whole row
+    mlp_tokens = seq_len if args.is_moe else min(mlp_chunk, seq_len)
+    recomputed = BLOCKWISE_LAYER_SCALE * batch * (seq_len * wide + mlp_tokens * mlp)
     return int(inputs + recomputed), attention
 
 
@@ -186,16 +192,17 @@ def estimate(args: ModelArgs, *, batch_size: int, seq_len: int, fine_tune: str =
         optimizer = 8 * n
         act_dtype = dtype
     copies = LOGIT_COPIES + (DPO_EXTRA_LOGIT_COPIES if objective == "dpo" else 0.0)
+    logits = int(copies * batch_size * seq_len * args.vocab_size * 4)
     if block is None:
         attn = dense_attention_bytes(args, batch_size, seq_len, grad_checkpoint)
         acts = activation_bytes(args, batch_size, seq_len, grad_checkpoint, act_dtype) - attn
-        logits = int(copies * batch_size * seq_len * args.vocab_size * 4)
     else:
         acts, attn = blockwise_activation_bytes(args, batch_size, seq_len, grad_checkpoint, block, act_dtype,
                                                 mlp_chunk, lora=fine_tune != "full")
-        chunk = min(loss_chunk, seq_len)
-        logits = int((CHUNK_LOGIT_COPIES + copies - LOGIT_COPIES) * batch_size * chunk * args.vocab_size * 4
-                     + LOSS_HIDDEN_COPIES * batch_size * seq_len * args.hidden_size * _DTYPE_BYTES[act_dtype])
+        if objective == "sft":  # the chunked loss; DPO / ORPO still take whole (B, L, vocab) log-probs
+            chunk = min(loss_chunk, seq_len)
+            logits = int(CHUNK_LOGIT_COPIES * batch_size * chunk * args.vocab_size * 4
+                         + LOSS_HIDDEN_COPIES * batch_size * seq_len * args.hidden_size * _DTYPE_BYTES[act_dtype])
     return Estimate(int(weights), int(trainable), int(optimizer), int(acts), logits, int(attn), block)
 
 

@@ -216,3 +216,17 @@ def test_longest_rows_table_blockwise_reaches_far_beyond_dense():
         assert r["dense"][0] <= 4096 and r["blockwise"][0] >= 3 * r["dense"][0]
         assert r["blockwise"][1] <= 0.85 * r["budget"]
     assert table[-1]["blockwise"][0] == 32768
+
+
+def test_blockwise_keeps_whole_rows_where_the_backend_does_not_chunk():
+    """Mixtral's experts run on the whole row; DPO / ORPO take whole rows' log-probs (no chunked loss)."""
+    moe = bundled_config("mixtral-8x7b-v0.1")
+    a, b = (estimate(moe, batch_size=1, seq_len=L, attention="blockwise", grad_checkpoint=True, dtype="bfloat16",
+                     bits=4) for L in (8192, 16384))
+    i_k = moe.intermediate_size * moe.num_experts_per_tok
+    assert b.activations - a.activations > 8192 * 2 * 4 * i_k * 2  # (L, k x intermediate) grows with L
+    args = bundled_config("mistral-7b-v0.1")
+    kw = dict(batch_size=1, seq_len=8192, attention="blockwise", grad_checkpoint=True, dtype="bfloat16")
+    assert estimate(args, objective="dpo", **kw).logits == 3 * 8192 * args.vocab_size * 4
+    assert estimate(args, objective="orpo", **kw).logits == 2 * 8192 * args.vocab_size * 4
+    assert estimate(args, **kw).logits < estimate(args, objective="orpo", **kw).logits / 2
