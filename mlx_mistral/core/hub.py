@@ -43,6 +43,26 @@ def resolve_path(path_or_repo: str | Path) -> Path:
                          "Check the id, your token (huggingface-cli login) or HF_HUB_OFFLINE.") from None
 
 
+CONFIG_FILES = ("config.json", "params.json")  # Hugging Face layout, then Mistral's own
+
+
+def fetch_config(repo: str, revision: str | None = None) -> Path:
+    """The local path of a Hub model repo's `config.json` (or `params.json` for a Mistral-native repo),
+    fetched alone with `hf_hub_download` (honouring `HF_HUB_OFFLINE` and the cache): never its weights."""
+    if not _is_repo_id(repo):
+        raise ValueError(f"{repo} is not a Hugging Face repo id (owner/name)")
+    from huggingface_hub import hf_hub_download
+
+    errors = []
+    for name in CONFIG_FILES:
+        try:
+            return Path(hf_hub_download(repo, name, revision=revision))
+        except Exception as e:  # missing file, network, auth, offline cache miss: try the next, then say which
+            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    raise ValueError(f"could not fetch the config of {repo!r} from the Hugging Face Hub ({'; '.join(errors)}). "
+                     "Check the id, your token (huggingface-cli login) or HF_HUB_OFFLINE.")
+
+
 def fetch_tokenizer(repo: str) -> Tokenizer:
     """The tokenizer of a Hub repo, fetching only its tokenizer files."""
     from huggingface_hub import snapshot_download

@@ -17,6 +17,20 @@ and no second model is held; measured, a DPO step keeps one more (B, L, vocab) f
 ORPO do (`DPO_EXTRA_LOGIT_COPIES`).
 The constants were fitted to `mx.get_peak_memory()` on the CPU backend (tests/core/test_memory.py checks
 them to within 20% on tiny and small models); treat predictions for large models as estimates.
+
+Two attention paths (`attention` and `attention_block`, the config keys; `core.blocks.choose` decides):
+- dense: one (B, H, L, L) score tensor per layer, the window only a mask (the model above);
+- blockwise: queries in blocks of C tokens, each block's backward recomputing its scores over its key band
+  (at most C + W - 1 keys; up to L without a window) one block at a time, so attention holds one block's
+  scores, B x H x C x band, instead of B x H x L x L. Checkpointed layers are recomputed with the MLP in
+  chunks of `mlp_chunk` tokens (no (L, intermediate) tensor; Mixtral's experts are not chunked), and the SFT
+  loss computes logits `loss_chunk` tokens at a time (no (B, L, vocab) tensor; DPO / ORPO still take whole
+  rows' log-probs). What grows with L: each checkpointed layer's input (B, L, hidden) and, in the one layer
+  being recomputed, its projections, attention output, residuals and their gradients. Without
+  checkpointing every layer keeps its activations as on the dense path, less the scores.
+Calibration: the blockwise constants below (`BLOCKWISE_*`, `CHUNK_LOGIT_COPIES`, `LOSS_HIDDEN_COPIES`) are
+counts of the tensors the path keeps, not yet fitted: fit them to `mx.get_peak_memory()` of the MLX
+blockwise path (the ±20% test in tests/core/test_memory.py, extended to long rows) and say so here.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .blocks import choose, peak_scores
 from .config import ModelArgs
 
 GB = 1e9
@@ -37,24 +52,58 @@ RECOMPUTE_LAYERS = 2.0
 DPO_EXTRA_LOGIT_COPIES = 1.0
 OBJECTIVES = ("sft", "dpo", "orpo")
 
+# ---- blockwise path: counted, not yet fitted (calibrate against the MLX blockwise path's measured peak) ----
+# Bytes per (query, key) pair of the one live block in a backward pass: fp32 scores, the masked scores, the
+# probabilities and their gradient (4 x 4 bytes); the block's boolean mask is in the rounding.
+BLOCKWISE_SCORE_BYTES = 16.0
+# The one recomputed layer's full-length tensors at its peak, the attention's backward, per token: forward,
+# the attention norm's output and the residual (2 h), q, k, v and rotated q, k (2 q + 3 kv), the attention
+# output (q); backward, the incoming gradient (h), the attention output's (q), the accumulated q, k, v
+# gradients and their update (2 q + 4 kv): 3 h + 6 q + 7 kv elements. The MLP chunk: its four
+# intermediate-size tensors and two hidden-size ones, with their gradients. BLOCKWISE_LAYER_SCALE is the
+# factor a measurement fits on these counts (1.0: the count as is).
+BLOCKWISE_LAYER_SCALE = 1.0
+# fp32 copies of one projection's LoRA side path alive at once (its input cast to fp32, its fp32 output).
+BLOCKWISE_LORA_FP32_COPIES = 2.0
+# Tokens per chunk of the checkpointed layer's MLP and of the SFT loss (the backends' chunk sizes: MLX's
+# model.LAYER_CHUNK and LOSS_CHUNK).
+MLP_CHUNK = 1024
+LOSS_CHUNK = 1024
+# Live (B, chunk, vocab) fp32 copies in one chunk of the loss (logits, their log-softmax, the gradient), and
+# (B, L, hidden) copies the chunked loss holds (its input, the input's gradient, the gradient's update).
+CHUNK_LOGIT_COPIES = 3.0
+LOSS_HIDDEN_COPIES = 3.0
+# Row lengths `longest_row` tries: powers of two and the 1.5x steps between them, 512 .. 131072.
+ROW_LENGTHS = tuple(sorted({b << k for k in range(9) for b in (512, 768)} - {768 << 8}))
+
 
 @dataclass(frozen=True)
 class Estimate:
-    """Predicted bytes per component; `total` is the predicted peak."""
+    """Predicted bytes per component; `total` is the predicted peak. `attention`: the attention scores (and
+    the dense path's mask); `block`: the query block size of the blockwise path, None for dense."""
 
     weights: int
     trainable: int
     optimizer: int
     activations: int
     logits: int
+    attention: int = 0
+    block: int | None = None
 
     @property
     def total(self) -> int:
-        return self.weights + self.trainable + self.optimizer + self.activations + self.logits
+        return self.weights + self.trainable + self.optimizer + self.activations + self.attention + self.logits
+
+    @property
+    def path(self) -> str:
+        """"dense" or "blockwise"."""
+        return "dense" if self.block is None else "blockwise"
 
     def as_dict(self) -> dict:
+        """The components in bytes, and the total."""
         return {"weights": self.weights, "trainable": self.trainable, "optimizer": self.optimizer,
-                "activations": self.activations, "logits": self.logits, "total": self.total}
+                "activations": self.activations, "attention": self.attention, "logits": self.logits,
+                "total": self.total}
 
 
 def weight_bytes(args: ModelArgs, bits: int | None = None, group_size: int = 64, dtype: str = "float32") -> int:
@@ -69,30 +118,65 @@ def weight_bytes(args: ModelArgs, bits: int | None = None, group_size: int = 64,
     return int(n_mat * per_weight) + n_norm * db
 
 
+def dense_attention_bytes(args: ModelArgs, batch: int, seq_len: int, checkpoint: bool) -> int:
+    """The dense path's (B, H, L, L) fp32 attention tensors kept for the backward pass (every layer's, or
+    the recomputed layers' with checkpointing) and the boolean (B, 1, L, L) mask the layers share."""
+    per_layer = ATTN_COPIES * batch * args.num_attention_heads * seq_len * seq_len * 4
+    layers = RECOMPUTE_LAYERS if checkpoint else args.num_hidden_layers
+    return int(layers * per_layer + batch * seq_len * seq_len)
+
+
 def activation_bytes(args: ModelArgs, batch: int, seq_len: int, checkpoint: bool, dtype: str = "float32") -> int:
-    """Activations kept for the backward pass (excluding the logits)."""
+    """Activations the dense path keeps for the backward pass (excluding the logits), attention included."""
     db = _DTYPE_BYTES[dtype]
     h, i = args.hidden_size, args.intermediate_size
     q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
     if args.is_moe:  # each token runs k experts; the router's probabilities are small
         i = i * args.num_experts_per_tok
     # attention probabilities are dense over all L keys: the window is a mask, not a shorter tensor
-    per_token = (6 * h + 2 * q + 3 * kv + q + 4 * i) * db + ATTN_COPIES * args.num_attention_heads * seq_len * 4
-    layer = batch * seq_len * per_token
-    mask = batch * seq_len * seq_len  # boolean (B, 1, L, L), shared by the layers
+    layer = batch * seq_len * (6 * h + 2 * q + 3 * kv + q + 4 * i) * db
+    attn = dense_attention_bytes(args, batch, seq_len, checkpoint)
     if checkpoint:
-        return int(args.num_hidden_layers * batch * seq_len * h * db + RECOMPUTE_LAYERS * layer + mask)
-    return int(args.num_hidden_layers * layer + mask)
+        return int(args.num_hidden_layers * batch * seq_len * h * db + RECOMPUTE_LAYERS * layer + attn)
+    return int(args.num_hidden_layers * layer + attn)
+
+
+def blockwise_activation_bytes(args: ModelArgs, batch: int, seq_len: int, checkpoint: bool, block: int,
+                               dtype: str = "float32", mlp_chunk: int = MLP_CHUNK, lora: bool = True) -> tuple[int, int]:
+    """(activations, attention) of the blockwise path: what the layers keep for the backward pass, and the
+    one live block's scores (its band: C + W - 1 keys with a window, up to L without). `lora`: adapters'
+    fp32 side paths are counted."""
+    db = _DTYPE_BYTES[dtype]
+    h, i = args.hidden_size, args.intermediate_size
+    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    if args.is_moe:
+        i = i * args.num_experts_per_tok
+    attention = int(BLOCKWISE_SCORE_BYTES * batch * args.num_attention_heads
+                    * peak_scores(seq_len, block, args.sliding_window))
+    if not checkpoint:  # every layer keeps its activations as on the dense path, but no scores
+        return int(args.num_hidden_layers * batch * seq_len * (6 * h + 2 * q + 3 * kv + q + 4 * i) * db), attention
+    side = BLOCKWISE_LORA_FP32_COPIES * 4 if lora else 0  # bytes per element of a projection's fp32 side path
+    inputs = args.num_hidden_layers * batch * seq_len * h * db  # each checkpointed layer's input
+    wide = (3 * h + 6 * q + 7 * kv) * db + side * max(h, q)  # per token, whole row
+    mlp = 2 * (4 * i + 2 * h) * db + side * max(h, i)  # per token, one MLP chunk
+    # Mixtral's experts are not chunked (MLX differentiates gather_mm by vmap, which the chunks' custom
+    # backward does not support): its MLP holds the whole row
+    mlp_tokens = seq_len if args.is_moe else min(mlp_chunk, seq_len)
+    recomputed = BLOCKWISE_LAYER_SCALE * batch * (seq_len * wide + mlp_tokens * mlp)
+    return int(inputs + recomputed), attention
 
 
 def estimate(args: ModelArgs, *, batch_size: int, seq_len: int, fine_tune: str = "lora", trainable_params: int = 0,
              bits: int | None = None, group_size: int = 64, dtype: str = "float32", grad_checkpoint: bool = False,
-             grad_accum: int = 1, objective: str = "sft") -> Estimate:
+             grad_accum: int = 1, objective: str = "sft", attention: str = "auto", attention_block: int | None = None,
+             mlp_chunk: int = MLP_CHUNK, loss_chunk: int = LOSS_CHUNK) -> Estimate:
     """Predicted peak memory of one training step. `fine_tune`: "lora" (adapters) or "full";
     `trainable_params`: the LoRA parameter count (ignored for full fine-tuning, where every parameter trains
-    in fp32); `objective`: sft, dpo or orpo."""
+    in fp32); `objective`: sft, dpo or orpo; `attention`: auto, dense or blockwise, with `attention_block`
+    as the config keys (`core.blocks.choose` decides: the estimate's `block` says what it chose)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    block = choose(seq_len, args.sliding_window, attention, attention_block)
     if fine_tune == "full":
         if bits:
             raise ValueError("full fine-tuning keeps fp32 weights: it cannot use a quantized base")
@@ -107,10 +191,19 @@ def estimate(args: ModelArgs, *, batch_size: int, seq_len: int, fine_tune: str =
         trainable = 4 * n * (3 if grad_accum > 1 else 2)  # fp32 weights, gradients (+ accumulation)
         optimizer = 8 * n
         act_dtype = dtype
-    acts = activation_bytes(args, batch_size, seq_len, grad_checkpoint, act_dtype)
     copies = LOGIT_COPIES + (DPO_EXTRA_LOGIT_COPIES if objective == "dpo" else 0.0)
     logits = int(copies * batch_size * seq_len * args.vocab_size * 4)
-    return Estimate(int(weights), int(trainable), int(optimizer), acts, logits)
+    if block is None:
+        attn = dense_attention_bytes(args, batch_size, seq_len, grad_checkpoint)
+        acts = activation_bytes(args, batch_size, seq_len, grad_checkpoint, act_dtype) - attn
+    else:
+        acts, attn = blockwise_activation_bytes(args, batch_size, seq_len, grad_checkpoint, block, act_dtype,
+                                                mlp_chunk, lora=fine_tune != "full")
+        if objective == "sft":  # the chunked loss; DPO / ORPO still take whole (B, L, vocab) log-probs
+            chunk = min(loss_chunk, seq_len)
+            logits = int(CHUNK_LOGIT_COPIES * batch_size * chunk * args.vocab_size * 4
+                         + LOSS_HIDDEN_COPIES * batch_size * seq_len * args.hidden_size * _DTYPE_BYTES[act_dtype])
+    return Estimate(int(weights), int(trainable), int(optimizer), int(acts), logits, int(attn), block)
 
 
 def parse_size(text: str) -> int:
@@ -136,3 +229,31 @@ def propose(args: ModelArgs, budget: int, *, seq_lens=(512, 1024, 2048, 4096, 81
                     fits.append({"seq_len": L, "batch_size": B, "grad_checkpoint": ckpt, "estimate": e})
     fits.sort(key=lambda f: (-f["seq_len"] * f["batch_size"], f["grad_checkpoint"], -f["seq_len"]))
     return fits
+
+
+def longest_row(args: ModelArgs, budget: int, *, headroom: float = 0.85, lengths=ROW_LENGTHS,
+                **settings) -> tuple[int, Estimate] | None:
+    """The longest row of `lengths` (up to the model's max_position_embeddings) whose step fits
+    `headroom * budget` bytes with `settings` (estimate's keywords but seq_len), and its estimate; None when
+    not even the shortest fits. Memory grows with L on both paths, so the first that does not fit ends it."""
+    best = None
+    for L in sorted(x for x in lengths if x <= args.max_position_embeddings):
+        e = estimate(args, seq_len=L, **settings)
+        if e.total > headroom * budget:
+            break
+        best = (L, e)
+    return best
+
+
+def longest_rows_table(args: ModelArgs, budgets=(16e9, 24e9, 32e9), *, headroom: float = 0.85,
+                       paths=("dense", "blockwise"), **settings) -> list[dict]:
+    """For each budget, the longest row that fits on each attention path (BENCHMARKS' context table): rows
+    {"budget": bytes, "dense": (seq_len, total bytes) or None, "blockwise": ...}."""
+    rows = []
+    for b in budgets:
+        row = {"budget": int(b)}
+        for path in paths:
+            r = longest_row(args, int(b), headroom=headroom, attention=path, **settings)
+            row[path] = (r[0], r[1].total) if r else None
+        rows.append(row)
+    return rows
