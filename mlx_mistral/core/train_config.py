@@ -125,6 +125,13 @@ class TrainConfig:
     grad_clip: float = key(1.0, "Clip the global gradient norm to this; 0 = off", kind="float", min=0, resume="free")
     grad_checkpoint: bool = key(False, "Recompute each layer in the backward pass instead of storing its "
                                        "activations", kind="bool", resume="free")
+    attention: str = key("auto", "Attention path in training and full forward passes: blockwise (queries in blocks, "
+                                 "each seeing only its key band: memory linear in the row length), dense (one L x L "
+                                 "mask), or auto (dense for short rows, blockwise from ~1k tokens)", kind="str",
+                         choices=("auto", "dense", "blockwise"), resume="free")
+    attention_block: int | None = key(None, "Query block size of blockwise attention, in tokens (None: about half "
+                                            "the window, a power of two in [64, 512])", kind="int", min=1,
+                                      nullable=True, resume="free")
     compile: bool = key(True, "Compile the training step (mx.compile; torch.compile on CUDA)", kind="bool",
                         resume="free")
     seed: int = key(0, "Seed of the data order, adapter initialisation and dropout", kind="int", min=0)
