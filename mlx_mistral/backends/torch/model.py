@@ -6,8 +6,12 @@ Notable:
   weight-name table and one adapter file serve both backends.
 - Attention for packed rows with a sliding window, built once per step and shared by every layer: on CUDA
   `flex_attention` with a block mask from segment ids and the window (blocks outside the window or in
-  another document are skipped, not computed); elsewhere SDPA with the boolean mask. Both take K/V with
-  fewer heads (`enable_gqa=True`): repeated K/V are never materialised.
+  another document are skipped, not computed); elsewhere, for long rows, blockwise attention (blockwise.py:
+  query blocks over their key bands, each checkpointed, so memory is linear in the row length, and the MLP
+  runs a chunk of tokens at a time), and for short rows SDPA with the boolean mask. `attention_mode`
+  ("auto", "dense", "blockwise") and `attention_block` force a path or a block size. No path repeats K/V
+  for GQA. With `targets`, the forward returns token losses computed a chunk of tokens at a time instead of
+  (B, L, vocab) logits.
 - RoPE with per-token positions (restarting per document), cos/sin computed in fp32 as transformers does.
 - Mixtral: softmax router in fp32, top-k, weights renormalised (transformers' routing); token rows are
   sorted by expert and each expert runs one matmul over its rows (a loop over experts, none over tokens).
@@ -23,8 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...core import blocks
 from ...core.config import ModelArgs
 from ...core.masks import allowed, causal_mask
+from . import blockwise
+from .blockwise import BlockPlan
 
 
 # ---- masks and positions (the rule is core/masks.py's) ------------------------------------------------
@@ -161,7 +168,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, n_kv, Lk, D)
-        if mask is not None and not isinstance(mask, (torch.Tensor, str)):  # a flex BlockMask
+        if isinstance(mask, BlockPlan):
+            out = blockwise.attention(q, k, v, mask, self.scale)  # (B, H, L, D)
+        elif mask is not None and not isinstance(mask, (torch.Tensor, str)):  # a flex BlockMask
             out = _flex_attention(q, k, v, mask, self.scale)
         else:
             out = F.scaled_dot_product_attention(
@@ -249,6 +258,8 @@ class TransformerBlock(nn.Module):
     def forward(self, x, mask, cos, sin, cache=None):
         h = x + self.self_attn(self.input_layernorm(x), mask, cos, sin, cache)
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        if isinstance(mask, BlockPlan):  # long rows: never an (L, intermediate) tensor
+            return h + blockwise.chunked(lambda t: ffn(self.post_attention_layernorm(t)), h, mask.ffn_chunk)
         return h + ffn(self.post_attention_layernorm(h))
 
 
@@ -271,26 +282,46 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.checkpoint_layers = False  # per-layer activation checkpointing (set by the trainer)
         self.attn_impl = "auto"  # "auto" (flex on CUDA, else sdpa), "flex" or "sdpa"
+        self.attention_mode = "auto"  # "auto", "dense" or "blockwise" (core/blocks.py; set by the trainer)
+        self.attention_block = None  # query block size of the blockwise path (None: core.blocks.auto_block)
+        self.ffn_chunk = None  # tokens per MLP chunk on the blockwise path (None: blockwise.default_ffn_chunk)
 
     @property
     def layers(self):
         return self.model.layers
 
+    def attention_path(self, L: int, device) -> tuple[str, int | None]:
+        """How a full forward pass over rows of `L` tokens attends: ("blockwise", block size), ("flex", None)
+        or ("sdpa", None). Blockwise when `attention_mode` is "blockwise", or "auto" off CUDA for long rows
+        (`core.blocks.choose`); on CUDA "auto" keeps flex_attention, whose block mask skips the same blocks."""
+        impl = self.attn_impl
+        if impl not in ("auto", "flex", "sdpa"):
+            raise ValueError(f"attn_impl must be 'auto', 'flex' or 'sdpa', got {impl!r}")
+        if impl == "auto":
+            impl = "flex" if flex_available(device) else "sdpa"
+        mode = self.attention_mode
+        if mode == "blockwise" or (mode == "auto" and impl == "sdpa"):
+            c = blocks.choose(L, self.args.sliding_window, mode, self.attention_block)
+            if c is not None:
+                return "blockwise", c
+        elif mode not in blocks.MODES:
+            raise ValueError(f"attention must be one of {', '.join(blocks.MODES)}, got {mode!r}")
+        return impl, None
+
     def build_mask(self, B: int, L: int, device, segment_ids=None, cache=None):
-        """This step's attention mask for every layer: a bool tensor, a flex BlockMask, "causal" or None."""
+        """This step's attention mask for every layer: a `BlockPlan`, a bool tensor, a flex BlockMask,
+        "causal" or None."""
         w = self.args.sliding_window
         if cache is not None:
             if L == 1:
                 return None  # the cache returns only keys the new token may see
             c = cache[0]
             return causal_mask(torch.arange(c.offset, c.offset + L, device=device), c.key_positions(L, device), w)
-        impl = self.attn_impl
-        if impl == "auto":
-            impl = "flex" if flex_available(device) else "sdpa"
+        impl, block = self.attention_path(L, device)
+        if impl == "blockwise":
+            return BlockPlan.build(L, block, w, segment_ids, self.ffn_chunk)
         if impl == "flex":
             return flex_block_mask(segment_ids, w, B, L, device)
-        if impl != "sdpa":
-            raise ValueError(f"attn_impl must be 'auto', 'flex' or 'sdpa', got {impl!r}")
         if segment_ids is not None:
             return packed_mask(segment_ids, w)  # (B, 1, L, L)
         if w is not None and L > w:
@@ -299,10 +330,13 @@ class Model(nn.Module):
         return "causal"
 
     def forward(self, tokens=None, segment_ids=None, positions=None, cache=None, inputs_embeds=None,
-                logits_at=None):
+                logits_at=None, targets=None, loss_chunk=None):
         """Logits (B, L, vocab). Packed rows pass `segment_ids` (0 = padding) and optionally `positions`
         (default: restart at 0 per segment). `inputs_embeds` (B, L, hidden) replaces the token lookup.
-        `logits_at` (B, L) bool: only those positions' logits, (N, vocab) (the trainer's loss positions)."""
+        `logits_at` (B, L) bool: only those positions' logits, (N, vocab) (the trainer's loss positions).
+        `targets` (N,) with `logits_at`: instead of logits, the token losses -log p(target) (N,) fp32,
+        computed `loss_chunk` tokens at a time (default `blockwise.loss_chunk(vocab)`), each chunk
+        checkpointed, so the (N, vocab) logits never exist at once."""
         device = self.model.embed_tokens.weight.device
         if inputs_embeds is None:
             h = self.model.embed_tokens(torch.as_tensor(tokens, device=device))  # (B, L, hidden)
@@ -329,6 +363,15 @@ class Model(nn.Module):
         h = self.model.norm(h)
         if logits_at is not None:
             h = h[logits_at]  # (N, hidden): the LM head is a quarter of a small model's FLOPs
+        if targets is not None:
+            if logits_at is None:
+                raise ValueError("targets (token losses) need logits_at, the (B, L) positions they belong to")
+            chunk = loss_chunk or blockwise.loss_chunk(self.args.vocab_size)
+            return blockwise.token_nll(self.head, h, torch.as_tensor(targets, device=device), chunk)  # (N,)
+        return self.head(h)  # (B, L, vocab)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab) of final hidden states (..., hidden)."""
         if self.args.tie_word_embeddings:
             return F.linear(h, self.model.embed_tokens.weight)
-        return self.lm_head(h)  # (B, L, vocab)
+        return self.lm_head(h)

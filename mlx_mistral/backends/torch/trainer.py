@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ...core import loop
 from ...core.checkpoints import check_names
@@ -160,12 +159,13 @@ def memory_total(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def token_losses(model, tokens, segment_ids, positions, targets, weights):
+def token_losses(model, tokens, segment_ids, positions, targets, weights, loss_chunk=None):
     """(sum of weighted token losses, number of loss tokens) of one batch, fp32. Logits are computed only
-    where the weight is non-zero (not at padding, document ends or masked prompt tokens)."""
+    where the weight is non-zero (not at padding, document ends or masked prompt tokens), and only
+    `loss_chunk` tokens at a time (the model's default: `blockwise.loss_chunk`), never as one (N, vocab)."""
     at = weights > 0  # (B, L)
-    logits = model(tokens, segment_ids=segment_ids, positions=positions, logits_at=at)  # (N, vocab)
-    ce = F.cross_entropy(logits.float(), targets[at], reduction="none")  # (N,)
+    ce = model(tokens, segment_ids=segment_ids, positions=positions, logits_at=at, targets=targets[at],
+               loss_chunk=loss_chunk)  # (N,)
     w = weights[at].float()
     return (ce * w).sum(), w.sum()
 
@@ -211,6 +211,7 @@ class TorchTrainer(TrainLoop):
                          rank=rank, world=world)
         self.autocast = self.device.type == "cuda" if autocast is None else autocast
         model.checkpoint_layers = cfg.grad_checkpoint
+        model.attention_mode, model.attention_block = cfg.attention, cfg.attention_block
         if cfg.compile and self.device.type == "cuda":
             for layer in model.model.layers:
                 layer.compile(dynamic=False)
@@ -225,6 +226,17 @@ class TorchTrainer(TrainLoop):
                                find_unused_parameters=model.args.is_moe and lora_config is None)
 
     # -- backend hooks of TrainLoop -----------------------------------------------------------------------
+    def _emit(self, event: dict):
+        if event.get("event") == "start":
+            event = {**event, **self.attention_info()}
+        super()._emit(event)
+
+    def attention_info(self) -> dict:
+        """The attention path of this run's rows, for the start event: `attention` ("blockwise", "flex" or
+        "sdpa") and `attention_block` (the query block size, None when not blockwise)."""
+        path, block = self.model.attention_path(self.cfg.seq_len, self.device)
+        return {"attention": path, "attention_block": block}
+
     def _device_name(self) -> str:
         return device_name(self.device)
 
