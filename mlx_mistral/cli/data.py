@@ -32,6 +32,18 @@ def _tokenizer(model: str):
         raise click.ClickException(str(e)) from None
 
 
+def context_line(c: dict, seq_len: int, packing: str) -> str:
+    """One line of `context_stats` numbers: real tokens per row of capacity, the longest document trained
+    whole, what was split."""
+    longest = f"longest document trained whole: {c['longest_whole_doc']:,} tokens"
+    if c["longest_doc"] > c["longest_whole_doc"]:
+        longest += f" (the longest, {c['longest_doc']:,}, is split)"
+    split = (f"{c['split_docs']:,} document{'s' * (c['split_docs'] != 1)} split across rows "
+             f"({100 * c['split_token_fraction']:.1f}% of tokens)" if c["split_docs"] else "no document split")
+    return (f"context ({packing}): {c['context_tokens_per_row']:,.0f} of {seq_len:,} tokens per row used "
+            f"({100 * c['context_utilisation']:.1f}%); {longest}; {split}")
+
+
 @click.group("data")
 def data_group():
     """Inspect datasets: tokens, lengths, and what packing buys over padding."""
@@ -49,22 +61,27 @@ def data_group():
                    "others in its file names (e.g. train_sft).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]),
               help="Read only this format of a Hub dataset's files.")
+@click.option("--packing", default=specs_by_name()["packing"]["default"], show_default=True,
+              type=click.Choice(specs_by_name()["packing"]["choices"]),
+              help=specs_by_name()["packing"]["help"] + " (the config key packing); the context line measures "
+                   "this mode.")
 @click.option("--overlap", default=0, show_default=True, type=click.IntRange(min=0),
               help="Tokens shared by consecutive chunks of documents longer than --seq-len.")
 @click.option("--loss-on", default="default", show_default=True, type=click.Choice(LOSS_ON),
               help=specs_by_name()["loss_on"]["help"] + " (the config key loss_on; see train --help).")
 @click.option("--skip-invalid", is_flag=True, help="Skip bad lines (and count them) instead of failing.")
 @click.option("--no-cache", is_flag=True, help="Tokenize again instead of using the on-disk cache.")
-def inspect_cmd(data, model, seq_len, split, fmt, overlap, loss_on, skip_invalid, no_cache):
-    """Documents, tokens, length histogram and packing efficiency of DATA: a .jsonl or .parquet file, a
-    dataset directory, or a Hugging Face Hub dataset id owner/name[@revision] (its JSONL / Parquet files of
-    the split, fetched with huggingface_hub; HF_HUB_OFFLINE=1 reads the local cache only)."""
+def inspect_cmd(data, model, seq_len, split, fmt, packing, overlap, loss_on, skip_invalid, no_cache):
+    """Documents, tokens, length histogram, packing efficiency and context utilisation (real tokens per row,
+    the longest document trained whole) of DATA: a .jsonl or .parquet file, a dataset directory, or a Hugging
+    Face Hub dataset id owner/name[@revision] (its JSONL / Parquet files of the split, fetched with
+    huggingface_hub; HF_HUB_OFFLINE=1 reads the local cache only)."""
     from rich.console import Console
     from rich.table import Table
 
     from ..core import chat
     from ..core.data import load_dataset
-    from ..core.packing import length_histogram, pack
+    from ..core.packing import context_stats, length_histogram, pack
     from ..ui.progress import bytes_bar
 
     console = Console()
@@ -113,11 +130,15 @@ def inspect_cmd(data, model, seq_len, split, fmt, overlap, loss_on, skip_invalid
     table = Table(title=f"rows of {seq_len} tokens", title_justify="left")
     for col in ("packing", "rows", "tokens", "efficiency", "split docs", "overlap", "dropped"):
         table.add_column(col, justify="right")
-    for mode, label in (("swa", "packed (swa)"), ("none", "padded (none)")):
+    labels = {"swa": "packed (swa)", "naive": "concatenated (naive)", "none": "padded (none)"}
+    chosen = None
+    for mode in dict.fromkeys((packing, "swa", "none")):
         p = pack(docs, seq_len, loss_masks=masks, overlap=overlap, mode=mode)
-        table.add_row(label, f"{p.rows:,}", f"{p.real_tokens:,}", f"{100 * p.efficiency:.1f}%", f"{p.n_split:,}",
-                      f"{p.overlap_tokens:,}", f"{p.dropped_tokens:,}")
+        chosen = chosen or p
+        table.add_row(labels[mode], f"{p.rows:,}", f"{p.real_tokens:,}", f"{100 * p.efficiency:.1f}%",
+                      f"{p.n_split:,}", f"{p.overlap_tokens:,}", f"{p.dropped_tokens:,}")
     console.print(table)
+    console.print(context_line(context_stats(chosen), seq_len, packing))
     for err in stats["errors"]:
         console.print(f"[yellow]skipped[/] {err}")
 

@@ -158,7 +158,7 @@ class TrainLoop:
     """
 
     backend = ""
-    start_info: dict = {}  # more keys of the "start" event, set by the recipe (the dtype chosen and why)
+    start_info: dict = {}  # more keys of the "start" event, set by the recipe (dtype and why, context_stats)
 
     def __init__(self, model, cfg: TrainConfig, train: Rows, val: Rows | None = None, run_dir=None,
                  callbacks=(), lora_config: dict | None = None, model_name: str = "", save_full=None, *,

@@ -13,6 +13,8 @@ Documents longer than `seq_len` are split into chunks of at most `seq_len` token
 share `overlap` tokens, which are context only (loss 0) in the later chunk. A chunk is a document of its
 own in every respect (positions from 0, its own segment). Nothing is truncated silently: `Packed` reports
 how many documents were split and how many tokens were dropped (only with `long="drop"`, or empty docs).
+`context_stats` measures context utilisation: real tokens per row of capacity, and the longest document
+trained whole (in one row, unsplit) against the longest one given.
 
 The label convention is the trainer's: `loss_mask[t] == 1` means token t is a target (predicted from
 token t-1 of the same segment); `next_token_targets` computes the shifted labels and weights.
@@ -46,6 +48,7 @@ class Packed:
     n_dropped: int = 0  # documents dropped (empty, or too long with long="drop")
     dropped_tokens: int = 0
     doc_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    doc_whole: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)  # in one row, unsplit
 
     @property
     def rows(self) -> int:
@@ -72,7 +75,33 @@ class Packed:
                 "overlap_tokens": self.overlap_tokens, "n_dropped": self.n_dropped,
                 "dropped_tokens": self.dropped_tokens, "real_tokens": self.real_tokens,
                 "loss_tokens": self.loss_tokens, "capacity": self.rows * self.seq_len,
-                "efficiency": self.efficiency}
+                "efficiency": self.efficiency, **context_stats(self)}
+
+
+def context_stats(packed: Packed, segment_ids: np.ndarray | None = None) -> dict:
+    """Context utilisation of packed rows, as plain numbers for logs, `data inspect` and the start event.
+
+    - `context_utilisation`: real (non-padding) tokens / (rows x seq_len);
+    - `context_tokens_per_row`: mean real tokens per row (of `seq_len`);
+    - `longest_doc`, `longest_whole_doc`: the longest document given, and the longest trained whole (it sits
+      in one row, unsplit; in `naive` mode, not cut by a row boundary); 0 when there is none;
+    - `split_docs`, `split_token_fraction`: documents split across rows (chunks, with `overlap`), and the
+      fraction of the documents' tokens that are in them.
+
+    `segment_ids` (default: the packed rows') measures utilisation over a subset of the rows, e.g. the
+    training rows once validation rows are held out; the document numbers stay those of the whole packing.
+    """
+    seg = packed.segment_ids if segment_ids is None else np.asarray(segment_ids)
+    rows = seg.shape[0] if seg.ndim == 2 else 0
+    real = int((seg > 0).sum())
+    lengths, whole = packed.doc_lengths, packed.doc_whole
+    total = int(lengths.sum())
+    return {"context_utilisation": real / (rows * packed.seq_len) if rows else 0.0,
+            "context_tokens_per_row": real / rows if rows else 0.0,
+            "longest_doc": int(lengths.max()) if lengths.size else 0,
+            "longest_whole_doc": int(lengths[whole].max()) if whole.any() else 0,
+            "split_docs": packed.n_split,
+            "split_token_fraction": packed.split_tokens / total if total else 0.0}
 
 
 def split_document(n: int, seq_len: int, overlap: int = 0) -> list[tuple[int, int]]:
@@ -183,7 +212,8 @@ def pack(docs, seq_len: int, loss_masks=None, overlap: int = 0, mode: str = "swa
             at += n
     return Packed(tokens, seg, pos, loss, mode, seq_len, n_docs=len(docs), n_chunks=len(chunks),
                   n_split=n_split, split_tokens=split_tokens, overlap_tokens=overlap_tokens,
-                  n_dropped=n_dropped, dropped_tokens=dropped_tokens, doc_lengths=lengths)
+                  n_dropped=n_dropped, dropped_tokens=dropped_tokens, doc_lengths=lengths,
+                  doc_whole=(lengths > 0) & (lengths <= seq_len))
 
 
 def _pack_naive(docs, masks, lengths, seq_len, pad_id) -> Packed:
@@ -206,7 +236,8 @@ def _pack_naive(docs, masks, lengths, seq_len, pad_id) -> Packed:
     return Packed(flat_t.reshape(shape), seg.reshape(shape), pos.reshape(shape), flat_m.reshape(shape),
                   "naive", seq_len, n_docs=len(docs), n_chunks=len(docs), n_split=int(cut.sum()),
                   split_tokens=int(lengths[cut].sum()), overlap_tokens=0,
-                  n_dropped=int((lengths == 0).sum()), dropped_tokens=0, doc_lengths=lengths)
+                  n_dropped=int((lengths == 0).sum()), dropped_tokens=0, doc_lengths=lengths,
+                  doc_whole=(lengths > 0) & ~cut)
 
 
 def next_token_targets(tokens: np.ndarray, segment_ids: np.ndarray, loss_mask: np.ndarray):

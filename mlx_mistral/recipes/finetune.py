@@ -238,12 +238,16 @@ def _finetune(b, cfg, group, rank0, run_dir, resume, changes, display, callbacks
         cfg = replace(cfg, dtype=dtype)  # config.yaml records the dtype used, so --resume loads the same
     model, tok = b.load(model_dir, dtype=dtype)
     data, read = cfg.datasets or cfg.data, {"sources": [], "formats": {}}
+    context = {}
     if cfg.objective == "sft":
+        from ..core.packing import context_stats
+
         train_rows, packed = load_rows(data, tok, cfg, "train", read)
         # a single file is the train split; its validation rows are held out (val_fraction), not the file again
         val_rows = None if isinstance(data, str) and Path(data).is_file() else load_rows(data, tok, cfg, "valid")[0]
         if val_rows is None and cfg.val_fraction > 0:
             train_rows, val_rows = split_rows(packed, cfg.val_fraction, cfg.seed)
+        context = context_stats(packed, train_rows.segment_ids)  # the rows trained on; the split's documents
     else:
         if cfg.datasets:
             raise ValueError("config key 'datasets' (a mix of sources) is for supervised fine-tuning; a preference "
@@ -252,7 +256,8 @@ def _finetune(b, cfg, group, rank0, run_dir, resume, changes, display, callbacks
     lora_cfg = b.prepare_model(model, cfg, str(model_dir))
     return _train(b, model, cfg, train_rows, val_rows, run_dir, lora_cfg, str(model_dir), group, rank0, resume,
                   changes, display, callbacks, tok,
-                  {"dtype": dtype, "dtype_reason": why, "data_sources": read["sources"]}, read.get("formats", {}))
+                  {"dtype": dtype, "dtype_reason": why, "data_sources": read["sources"], **context},
+                  read.get("formats", {}))
 
 
 def _train(b, model, cfg, train_rows, val_rows, run_dir: Path, lora_cfg, model_name: str, group, rank0: bool,

@@ -328,6 +328,8 @@ def render(state: DashboardState, now: float | None = None, chart_height: int = 
     eff = t.get("packing_efficiency", s.get("packing_efficiency"))
     _kv(stats, ("tokens", fmt_count(t.get("tokens"))),
         ("packing", f"{s.get('packing', '?')} {_num(eff and 100 * eff, '.1f')}% full"))
+    if has_context(s):
+        _kv(stats, *context_cells(s))
     parts.append(stats)
 
     mem_total = s.get("memory_total")
@@ -358,8 +360,25 @@ def render(state: DashboardState, now: float | None = None, chart_height: int = 
 
 
 def _chart_height(console: Console) -> int:
-    """Chart rows that keep the panel (13 lines besides the chart, and a hint line) on one screen: 3 to 8."""
-    return max(3, min(8, console.size.height - 15))
+    """Chart rows that keep the panel (14 lines besides the chart with the context line, and a hint line) on
+    one screen: 3 to 8."""
+    return max(3, min(8, console.size.height - 16))
+
+
+def has_context(start: dict) -> bool:
+    """Whether a start event carries context utilisation (`core.packing.context_stats`; SFT runs)."""
+    return all(isinstance(start.get(k), (int, float)) for k in
+               ("context_tokens_per_row", "context_utilisation", "longest_whole_doc", "split_docs"))
+
+
+def context_cells(start: dict) -> tuple[tuple[str, str], tuple[str, str]]:
+    """("context", "30,412/32,768 tok/row (92.8%)"), ("longest whole", "18,034 tok · 3 split") of a start
+    event: real tokens per row of capacity, the longest document trained whole, documents split across rows."""
+    seq = f"/{start['seq_len']:,}" if isinstance(start.get("seq_len"), int) else ""
+    split = f" · {start['split_docs']:,} split" if start["split_docs"] else ""
+    return (("context", f"{start['context_tokens_per_row']:,.0f}{seq} tok/row "
+                        f"({100 * start['context_utilisation']:.1f}%)"),
+            ("longest whole", f"{start['longest_whole_doc']:,} tok{split}"))
 
 
 def summary(state: DashboardState) -> Table:
@@ -379,6 +398,12 @@ def summary(state: DashboardState) -> Table:
     table.add_row("tokens trained", f"{fmt_count(tokens)}" + (f" ({tokens / elapsed:.0f} tok/s average)"
                                                              if tokens and elapsed else ""))
     table.add_row("time", fmt_duration(elapsed))
+    if has_context(s):
+        n = s["split_docs"]
+        table.add_row("context", f"{s['context_tokens_per_row']:,.0f} of {s.get('seq_len') or 0:,} tokens per row "
+                                 f"used ({100 * s['context_utilisation']:.1f}%); longest document trained whole: "
+                                 f"{s['longest_whole_doc']:,} tokens"
+                                 + (f"; {n:,} document{'s' * (n != 1)} split across rows" if n else ""))
     mem_total = f" / {fmt_gb(s['memory_total'])} GB" if s.get("memory_total") else ""
     table.add_row("peak memory", f"{fmt_gb(e.get('peak_memory', state.last.get('peak_memory')))} GB{mem_total}")
     run_dir = e.get("run_dir") or s.get("run_dir")
@@ -412,7 +437,10 @@ def format_line(event: dict, state: DashboardState | None = None) -> str | None:
                 f"batch {event.get('batch_size')}x{event.get('grad_accum')} packing {event.get('packing')} "
                 f"eff {_num(event.get('packing_efficiency') and 100 * event['packing_efficiency'], '.1f')}% "
                 f"mem_total {fmt_gb(event.get('memory_total'))}GB run {event.get('run_dir')}"
-                + (f" dtype {event['dtype']} ({event.get('dtype_reason', '')})" if event.get("dtype") else ""))
+                + (f" dtype {event['dtype']} ({event.get('dtype_reason', '')})" if event.get("dtype") else "")
+                + (f" context {event['context_tokens_per_row']:.0f}/{event.get('seq_len')} tok/row "
+                   f"({100 * event['context_utilisation']:.1f}%) longest_whole {event['longest_whole_doc']} "
+                   f"split {event['split_docs']}" if has_context(event) else ""))
     if kind == "train":
         line = (f"step {event.get('step')}/{total or '?'} loss {_num(event.get('loss'), '.4f')} "
                 f"lr {_num(event.get('lr'), '.2e')} tok/s {fmt_rate(event.get('tokens_per_sec'))} "

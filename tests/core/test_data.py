@@ -144,3 +144,28 @@ def test_data_inspect_reports_packing_against_padding(tmp_path):
     bad = CliRunner().invoke(main, ["data", "inspect", str(tmp_path / "train.jsonl"), "--model",
                                     str(tmp_path / "missing-model"), "--seq-len", "256"])
     assert bad.exit_code != 0 and "missing-model" in bad.output
+
+
+def test_data_inspect_reports_context_utilisation_on_long_documents(tmp_path):
+    """The context line on synthetic long documents (bench/make_long_docs.py: exact token lengths), with
+    numbers worked by hand: at rows of 2048 the documents of 3000 and 5000 tokens are split (into 2048 + 952
+    and 2048 + 2048 + 904), best-fit-decreasing puts the eight pieces in 5 rows (three full ones, 952 + 904,
+    900 + 700 + 400), so 10,000 / 5 = 2,000 tokens per row are used; 900 is the longest document whole."""
+    import importlib.util
+
+    script = Path(__file__).parents[2] / "bench" / "make_long_docs.py"
+    spec = importlib.util.spec_from_file_location("make_long_docs", script)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    v1 = bundled_tokenizer_path("tokenizer.model.v1")
+    gen.write_long_docs(tmp_path, v1, [3000, 900, 700, 400, 5000])
+    args = ["data", "inspect", str(tmp_path), "--model", str(v1), "--seq-len", "2048"]
+    r = CliRunner().invoke(main, args, env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert ("context (swa): 2,000 of 2,048 tokens per row used (97.7%); longest document trained whole: 900 tokens "
+            "(the longest, 5,000, is split); 2 documents split across rows (80.0% of tokens)") in r.output
+    r = CliRunner().invoke(main, args + ["--packing", "none", "--seq-len", "8192"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert ("context (none): 2,000 of 8,192 tokens per row used (24.4%); longest document trained whole: 5,000 "
+            "tokens; no document split") in r.output
+    assert r.output.index("padded (none)") < r.output.index("packed (swa)")  # the chosen mode's row first

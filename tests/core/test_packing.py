@@ -1,12 +1,13 @@
-"""Packing as pure functions: segments, positions, splitting, loss masks, efficiency. No model here."""
+"""Packing as pure functions: segments, positions, splitting, loss masks, efficiency, context utilisation.
+No model here."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mlx_mistral.core.packing import (best_fit_decreasing, length_histogram, next_token_targets, pack,
-                                 split_document)
+from mlx_mistral.core.packing import (best_fit_decreasing, context_stats, length_histogram, next_token_targets,
+                                     pack, split_document)
 
 
 def random_docs(n, median=300, sigma=0.8, seed=0, vocab=1000, lo=2):
@@ -161,3 +162,40 @@ def test_length_histogram_counts_every_document():
     h = length_histogram(lengths, 2048)
     assert sum(c for _, _, c in h) == len(lengths)
     assert h[-1] == (2049, 9000, 2) and h[-2] == (1025, 2048, 1)
+
+
+def test_context_stats_count_real_tokens_per_row_and_the_longest_document_trained_whole():
+    # Rows of 100: 60 + 40 fill one row, 90 and 30 share nothing (90 + 30 > 100), 250 splits into 100/100/50.
+    docs = [np.full(k, 5, np.int32) for k in (60, 40, 90, 30, 250)]
+    p = pack(docs, 100)
+    c = context_stats(p)
+    real = sum(len(d) for d in docs)
+    assert real == p.real_tokens == 470
+    assert c["context_utilisation"] == pytest.approx(real / (p.rows * 100)) == pytest.approx(p.efficiency)
+    assert c["context_tokens_per_row"] == pytest.approx(real / p.rows)
+    # measured independently of the packer: per row, count the cells whose segment id is not 0
+    assert c["context_tokens_per_row"] == pytest.approx(np.mean([np.count_nonzero(r) for r in p.segment_ids]))
+    assert (c["longest_doc"], c["longest_whole_doc"], c["split_docs"]) == (250, 90, 1)
+    assert c["split_token_fraction"] == pytest.approx(250 / 470)
+    assert p.stats()["longest_whole_doc"] == 90  # the stats of logs and `data inspect` carry them
+
+    # A subset of the rows (training rows once validation rows are held out): utilisation of those rows only.
+    full = [r for r in range(p.rows) if np.count_nonzero(p.segment_ids[r]) == 100]
+    sub = context_stats(p, p.segment_ids[full])
+    assert sub["context_utilisation"] == 1.0 and sub["context_tokens_per_row"] == 100.0
+    assert sub["longest_whole_doc"] == 90
+
+    # Overlap repeats tokens as context: more rows, the same documents.
+    o = context_stats(pack(docs, 100, overlap=20))
+    assert (o["longest_whole_doc"], o["split_docs"]) == (90, 1)
+
+    # A document exactly one row long is whole; dropped and empty ones are not.
+    d = context_stats(pack([[5] * 100, [5] * 101, []], 100, long="drop"))
+    assert (d["longest_doc"], d["longest_whole_doc"], d["split_docs"], d["split_token_fraction"]) == (101, 100, 0, 0)
+    # Naive: a document is whole unless a row boundary cuts it.
+    n = context_stats(pack([[5] * 30, [5] * 80, [5] * 10], 100, mode="naive"))
+    assert (n["longest_whole_doc"], n["split_docs"], n["split_token_fraction"]) == (30, 1, pytest.approx(80 / 120))
+    # Nothing to pack: zeros, not errors.
+    e = context_stats(pack([[]], 100))
+    assert e == {"context_utilisation": 0.0, "context_tokens_per_row": 0.0, "longest_doc": 0,
+                 "longest_whole_doc": 0, "split_docs": 0, "split_token_fraction": 0.0}

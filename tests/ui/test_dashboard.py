@@ -35,7 +35,8 @@ def synthetic_events(n_steps=200, every=10, eval_every=50, run_dir="runs/demo", 
             "device": "cpu", "fine_tune": "lora", "rank_policy": "gqa", "trainable_params": 1_234_567,
             "total_params": 125_000_000, "total_steps": n_steps, "start_step": 0, "seq_len": 512,
             "batch_size": 4, "grad_accum": 1, "packing": "swa", "packing_efficiency": 0.971,
-            "memory_total": 24e9}]
+            "memory_total": 24e9, "context_utilisation": 0.971, "context_tokens_per_row": 497.2,
+            "longest_doc": 1800, "longest_whole_doc": 498, "split_docs": 3, "split_token_fraction": 0.125}]
     loss = lambda s, off=0.0: 2 + off + 8 * math.exp(-s / 40)  # noqa: E731
     for step in range(every, n_steps + 1, every):
         el = step * 0.5
@@ -165,6 +166,7 @@ def test_panel_shows_numbers_chart_and_eta():
                    f"loss {2 + 8 * math.exp(-180 / 40):.4f}", f"val {2.2 + 8 * math.exp(-150 / 40):.4f}",
                    "best val", "@ step 150", "2.00e-04", "1.23", "812", "2.00", "1.2 GB active",
                    "3.4 GB peak / 24.0 GB", "swa 97.1% full", "runs/demo/checkpoints/0000150",
+                   "context 497/512 tok/row (97.1%)", "longest whole 498 tok · 3 split",
                    "⣿ train", "⣿ val", "step 10", "training"]:
         assert needle in out, (needle, out)
     assert len(braille_cells(out)) > 60  # the chart is drawn
@@ -201,6 +203,8 @@ def test_finished_panel_and_summary():
     for needle in ["done: trained 200 steps", "200/200", f"{2 + 8 * math.exp(-5):.4f}",
                    f"{2.2 + 8 * math.exp(-5):.4f} (step 200)", "410K (4096 tok/s average)", "0:01:40",
                    "3.4 GB / 24.0 GB", "runs/demo/adapters.safetensors", "runs/demo/checkpoints/0000200",
+                   "497 of 512 tokens per row used (97.1%); longest document trained whole: 498 tokens; "
+                   "3 documents split across rows",
                    "runs/demo/metrics.jsonl",
                    "mlx-mistral eval --model tiny-mistral --adapter runs/demo",
                    "mlx-mistral generate --model tiny-mistral --adapter runs/demo",
@@ -244,6 +248,7 @@ def test_plain_lines_are_greppable():
         if line:
             lines.append(line)
     assert lines[0].startswith("start model tiny-mistral backend mlx device cpu lora gqa trainable 1.23M/125M")
+    assert lines[0].endswith(" context 497/512 tok/row (97.1%) longest_whole 498 split 3")
     assert lines[1] == ("step 10/200 loss 8.2304 lr 1.00e-04 tok/s 812 it/s 2.00 grad 1.23 mem 1.2/24.0GB "
                         "peak 3.4GB eff 97.1% elapsed 0:00:05 eta 0:01:35")
     assert sum(bool(re.match(r"step \d+/200 loss \d+\.\d{4} lr ", x)) for x in lines) == 20
@@ -403,6 +408,7 @@ def test_live_panel_in_a_real_pty():
     assert "\x1b[" in out  # a terminal: colours and cursor moves
     assert "mlx-mistral" in out and "step 200/200" in out and "Run summary" in out
     assert out.count("step ") > 5 and len(braille_cells(out)) > 60
+    assert "497/512 tok/row (97.1%)" in out and "longest whole" in out
 
 
 def test_dashboard_command_in_a_pty_quits_on_q(tmp_path):
@@ -411,6 +417,7 @@ def test_dashboard_command_in_a_pty_quits_on_q(tmp_path):
     rc, out = run_in_pty(cli, [("run finished · q or Ctrl-C to quit", b"q")])
     assert rc == 0, out
     assert "step 200/200" in out and "Run summary" in out  # the summary prints after q
+    assert "497/512 tok/row (97.1%)" in out and "498 tok · 3 split" in out
 
 
 def test_dashboard_command_follows_a_growing_file(tmp_path):
@@ -434,6 +441,9 @@ def preference_events(objective="dpo"):
     """A DPO (or ORPO) run's events: the trainer's keys, TRL's metric names."""
     evs = synthetic_events(n_steps=40, eval_every=20)
     evs[0]["fine_tune"] = objective
+    for k in ("context_utilisation", "context_tokens_per_row", "longest_doc", "longest_whole_doc", "split_docs",
+              "split_token_fraction"):
+        del evs[0][k]  # pairs are packed their own way: no context line
     for e in evs:
         s = e.get("step", 0)
         if e["event"] == "train":
@@ -459,6 +469,7 @@ def test_preference_run_shows_margin_and_accuracy_next_to_the_loss():
                    "rejected -0.800"):
         assert needle in pref, (needle, pref)
     assert "nll" not in pref
+    assert "tok/row" not in out and "longest whole" not in out
     orpo = text_of(render(fold(preference_events("orpo")[:8])), width=110)
     assert "nll 2.5000" in orpo
     plain = [format_line(e) for e in preference_events()]
