@@ -17,7 +17,7 @@ def _fail(e: Exception, hint: str | None = None):
 # Config keys that `train` takes as flags (help, type and range come from core/train_config.py).
 TRAIN_FLAGS = ("model", "data", "out", "backend", "dtype", "quantize", "fine_tune", "seq_len", "packing", "loss_on",
                "lora_rank", "lora_alpha", "rank_policy", "steps", "batch_size", "grad_accum", "lr", "warmup_steps",
-               "grad_checkpoint", "seed", "eval_every", "save_every", "log_every", "report_to")
+               "grad_checkpoint", "attention", "attention_block", "seed", "eval_every", "save_every", "log_every", "report_to")
 
 
 @click.command("train")

@@ -5,7 +5,6 @@ documents gives, worked out by hand."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import sys
@@ -15,7 +14,6 @@ import pytest
 from ui.test_dashboard import run_in_pty  # tests/ui/ (tests/ is on sys.path: conftest.py)
 
 from mlx_mistral.core.tiny import PRESET_TOKENIZERS
-from mlx_mistral.core.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ = 32768
@@ -25,13 +23,7 @@ LENGTHS = [40960, 18000, 9000, 3000, 2500]
 CONTEXT = {"context_utilisation": 73460 / (3 * SEQ), "context_tokens_per_row": 73460 / 3, "longest_doc": 40960,
            "longest_whole_doc": 18000, "split_docs": 1, "split_token_fraction": 40960 / 73460}
 
-# TEMPORARY guards (issue 14), for the branch this test was written on before the `attention` key and the
-# torch backend's blockwise path landed; the lead removes them at merge. (Without its blockwise path, torch
-# trains these rows densely: 21 GB peak, 5 minutes.)
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif("attention" not in {f.name for f in dataclasses.fields(TrainConfig)},
-                                 reason="TrainConfig has no 'attention' key yet (blockwise attention not merged)")]
-TORCH_BLOCKWISE = importlib.util.find_spec("mlx_mistral.backends.torch.blockwise") is not None
+pytestmark = pytest.mark.slow
 
 
 def make_long_docs():
@@ -41,18 +33,17 @@ def make_long_docs():
     return mod
 
 
-@pytest.mark.parametrize("backend", ["mlx", pytest.param("torch", marks=pytest.mark.skipif(
-    not TORCH_BLOCKWISE, reason="the torch backend's blockwise attention is not merged yet"))])
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_tiny_model_trains_rows_of_32k_tokens_with_the_dashboard(backend, tmp_path, monkeypatch):
     pytest.importorskip("mlx.core" if backend == "mlx" else "torch")
     monkeypatch.setenv("MLX_MISTRAL_CACHE", str(tmp_path / "cache"))
     # tiny:demo-tags: the demo shape (window 64) with a 4096-piece vocabulary, so a row's logits are
     # 0.5 GB in fp32 where the 32,000-piece one of tiny:demo would take 4.2 GB.
     make_long_docs().write_long_docs(tmp_path / "data", PRESET_TOKENIZERS["demo-tags"], LENGTHS)
-    run, cfg = tmp_path / "run", tmp_path / "long.yaml"
+    run = tmp_path / "run"
     # blocks of 256 queries: 128 per row and layer (blocks of 64 take MLX minutes to compile on CPU)
-    cfg.write_text("attention: blockwise\nattention_block: 256\n")  # config keys: train has no --attention flag
-    cli = [sys.executable, "-m", "mlx_mistral.cli", "train", "--config", str(cfg), "--model", "tiny:demo-tags",
+    cli = [sys.executable, "-m", "mlx_mistral.cli", "train", "--attention", "blockwise", "--attention-block", "256",
+           "--model", "tiny:demo-tags",
            "--backend", backend, "--data", str(tmp_path / "data"), "--out", str(run), "--seq-len", str(SEQ),
            "--steps", "2", "--batch-size", "1", "--lora-rank", "4", "--warmup-steps", "0", "--eval-every", "0"]
     rc, out = run_in_pty(cli, timeout=240)
