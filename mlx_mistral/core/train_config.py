@@ -132,7 +132,8 @@ class TrainConfig:
                                  "The start event says which was used", kind="str",
                          choices=("auto", "dense", "blockwise"), resume="free")
     attention_block: int | None = key(None, "Query block size of blockwise attention; null = about half the "
-                                            "window, a power of two in 64..512 (without a window: 512, shrinking for rows over 8k tokens)", kind="int",
+                                            "window, a power of two in 64..512 (without a window: 512, "
+                                            "shrinking for rows over 8k tokens)", kind="int",
                                       min=1, nullable=True, resume="free")
     compile: bool = key(True, "Compile the training step (mx.compile; torch.compile on CUDA)", kind="bool",
                         resume="free")

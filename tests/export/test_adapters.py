@@ -140,13 +140,33 @@ def test_mlx_lm_adapter_round_trip(tiny_models, tmp_path):
     assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a) and a.keys() == b.keys()
 
 
+def mlx_lm_rope(model):
+    """Our model rotating as mlx-lm does (`mx.fast.rope(base=theta)`) instead of with transformers' exact
+    frequencies (they differ by ~1e-5 in logits at 100 positions), so a comparison isolates the adapters."""
+    theta = model.args.rope_theta
+
+    def apply(x, freqs, positions, offset):
+        assert positions is None
+        return mx.fast.rope(x, x.shape[-1], traditional=False, base=theta, scale=1.0, offset=offset)
+
+    return apply
+
+
 def mlx_lm_vs_ours(src, run, out, ids):
     """max |logits| difference between mlx-lm's own loader on our export and our model on the run."""
     import mlx_lm
 
+    from mlx_mistral.backends.mlx import model as mlx_model
+
     theirs_model, _ = mlx_lm.load(str(src), adapter_path=str(out))
     model, _ = ours_with_adapter(src, run)
-    ours, theirs = np.array(model(mx.array([ids]))), np.array(theirs_model(mx.array([ids])))  # (1, L, vocab)
+    exact = mlx_model.apply_rope
+    mlx_model.apply_rope = mlx_lm_rope(model)
+    try:
+        ours = np.array(model(mx.array([ids])))  # (1, L, vocab)
+    finally:
+        mlx_model.apply_rope = exact
+    theirs = np.array(theirs_model(mx.array([ids])))  # (1, L, vocab)
     return float(np.abs(ours - theirs).max()), float(np.abs(ours).max())
 
 
