@@ -163,8 +163,11 @@ def test_blockwise_memory_is_linear_past_the_window_and_one_block_of_scores():
         assert es[2 * L].attention == es[L].attention  # one block's band: C x (C + W - 1) keys, whatever L
     assert es[8192].attention == 16 * 32 * peak_scores(8192, 512, 4096) == 16 * 32 * 512 * (512 + 4095)
     # no window: the band grows to the row, so the one block's scores grow linearly in L
-    v3 = [qlora_7b("mistral-7b-v0.3", L, attention="blockwise").attention for L in (8192, 16384)]
+    v3 = [qlora_7b("mistral-7b-v0.3", L, attention="blockwise", attention_block=512).attention for L in (8192, 16384)]
     assert v3[1] == 2 * v3[0]
+    # ... unless the block shrinks with the row, as the automatic block does (C x L = 4M scores per head)
+    auto = [qlora_7b("mistral-7b-v0.3", L, attention="blockwise").attention for L in (8192, 16384, 32768)]
+    assert auto[0] == auto[1] == auto[2]
     assert args.sliding_window == 4096
 
 
