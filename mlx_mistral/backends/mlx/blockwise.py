@@ -47,10 +47,15 @@ def serial_map(fn, params, inputs: list, slices: list, differentiable: list, out
     `differentiable[j]`: False for integer inputs (segment ids, targets).
     """
     flat = tree_flatten(params)
+    if not flat:
+        # A custom function whose only differentiable input is one array was differentiated with the wrong
+        # primals inside `mx.checkpoint` (MLX 0.32; seen with a frozen MLP): one dummy parameter avoids it.
+        flat = [("_dummy", mx.zeros((1,), mx.float32))]
     names, n_p, n = [k for k, _ in flat], len(flat), len(slices)
 
     def run(i, pv, xs):
-        return fn(i, tree_unflatten(list(zip(names, pv))) if names else {}, *xs)
+        tree = {} if names == ["_dummy"] else tree_unflatten(list(zip(names, pv)))
+        return fn(i, tree, *xs)
 
     def out_slice(i):
         # chunk outputs tile the output along out_axis in the order and lengths of input 0's slices

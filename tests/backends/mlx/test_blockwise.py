@@ -113,6 +113,30 @@ def test_model_loss_and_gradients_equal_dense(shape, lora, monkeypatch):
         assert np.abs(logits - ref_logits).max() < 1e-5, key
 
 
+def test_frozen_mlp_chunks_with_adapters_on_attention_only(monkeypatch):
+    """LoRA on q, k, v, o only: the chunked MLP has no trainable parameter (a case MLX's custom VJP inside
+    `mx.checkpoint` once got wrong); loss and gradients still equal the dense path."""
+    monkeypatch.setattr(M, "LAYER_CHUNK", 50)
+    m = tiny()
+    m.freeze()
+    apply_lora(m, ["q_proj", "k_proj", "v_proj", "o_proj"], rank=4, alpha=8)
+    tok, seg, pos, tgt, w = packed_batch(2)
+    out = {}
+    for mode in ("dense", "blockwise"):
+        m.attention, m.attention_block, m.checkpoint_layers = mode, BLOCK, True
+
+        def loss_fn(model):
+            rows, n = T.row_losses(model, tok, seg, pos, tgt, w)
+            return rows.sum() / n
+
+        loss, grads = nn.value_and_grad(m, loss_fn)(m)
+        mx.eval(loss, grads)
+        out[mode] = float(loss), dict(tree_flatten(grads))
+    assert abs(out["dense"][0] - out["blockwise"][0]) < 1e-5
+    for k, g in out["dense"][1].items():
+        assert float(mx.abs(g - out["blockwise"][1][k]).max()) < 1e-5, k
+
+
 def test_auto_chooses_dense_for_short_rows_and_blocks_for_long():
     assert blocks.choose(512, 4096) is None and blocks.choose(512, 64) is None
     assert blocks.choose(8192, 4096) == 512 and blocks.choose(8192, 256) == 128 and blocks.choose(32768, None) == 128 and blocks.choose(8192, None) == 512
