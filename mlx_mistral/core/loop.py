@@ -370,6 +370,12 @@ class TrainLoop:
         self._stop = True
         self._signal = signum
 
+    def _attention_info(self) -> dict:
+        """The start event's attention path (attention, attention_block, attention_reason): the rows' plan
+        (core/blocks.py); a backend with more paths of its own says which it takes."""
+        cfg = self.cfg
+        return blocks.describe(cfg.seq_len, self.model.args.sliding_window, cfg.attention, cfg.attention_block)
+
     def _loop(self, start_step, tokens, elapsed0, best_val) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter() - elapsed0
@@ -384,9 +390,7 @@ class TrainLoop:
                     "total_steps": cfg.steps, "start_step": start_step, "seq_len": cfg.seq_len,
                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "packing": cfg.packing,
                     "packing_efficiency": self.train_rows.efficiency, "memory_total": self._memory_total(),
-                    **blocks.describe(cfg.seq_len, self.model.args.sliding_window, cfg.attention,
-                                      cfg.attention_block),
-                    **self.start_info})
+                    **self._attention_info(), **self.start_info})
         last_loss, reason, message, last_ckpt = None, "done", "", None
         step = start_step
         t_log, tok_log, step_log = time.perf_counter(), tokens, start_step

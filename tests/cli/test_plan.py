@@ -5,13 +5,11 @@ the commit, `snapshots/<commit>/<file>` links into `blobs/`)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hub_cache import offline_hub, publish
 
 from mlx_mistral.cli import main
 from mlx_mistral.cli.train import plan
@@ -83,33 +81,12 @@ def test_with_a_config_its_settings_are_planned_and_flags_override(tmp_path):
 
 
 # ---- a Hub id: config.json alone ------------------------------------------------------------------------------
-def publish(cache: Path, repo: str, files: dict[str, bytes]) -> str:
-    storage = cache / ("models--" + repo.replace("/", "--"))
-    commit = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
-    for rel, content in files.items():
-        blob = storage / "blobs" / hashlib.sha256(content).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(content)
-        link = storage / "snapshots" / commit / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (storage / "refs").mkdir(parents=True, exist_ok=True)
-    (storage / "refs" / "main").write_text(commit)
-    return commit
-
-
 @pytest.fixture()
 def hub(tmp_path, monkeypatch):
     """An offline Hub cache; snapshot_download (what fetches weights) fails; hf_hub_download is recorded."""
     import huggingface_hub
-    import huggingface_hub.constants as c
 
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    cache = offline_hub(tmp_path, monkeypatch)
 
     def no_snapshot(*a, **k):
         raise AssertionError(f"plan must not download a snapshot: {a} {k}")
@@ -130,7 +107,7 @@ def test_a_hub_id_is_planned_from_its_config_json_alone(hub):
     cache, fetched = hub
     config = (BUNDLED / "mistral-7b-v0.3.json").read_bytes()
     publish(cache, "mistralai/Mistral-7B-v0.3", {"config.json": config, "model-00001-of-00003.safetensors": b"x" * 64,
-                                                 "tokenizer.model.v3": b"t"})
+                                                 "tokenizer.model.v3": b"t"}, kind="models")
     out = run("--model", "mistralai/Mistral-7B-v0.3", "--memory", "16GB")
     assert fetched == ["config.json"]
     assert out == run("--model", "mistral-7b-v0.3", "--memory", "16GB").replace(
@@ -141,7 +118,7 @@ def test_a_mistral_native_hub_repo_is_planned_from_params_json(hub):
     cache, fetched = hub
     params = (b'{"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, '
               b'"n_kv_heads": 8, "norm_eps": 1e-05, "vocab_size": 32768, "rope_theta": 1000000.0}')
-    publish(cache, "mistralai/native", {"params.json": params, "consolidated.safetensors": b"x" * 64})
+    publish(cache, "mistralai/native", {"params.json": params, "consolidated.safetensors": b"x" * 64}, kind="models")
     out = run("--model", "mistralai/native", "--memory", "16GB")
     assert fetched == ["config.json", "params.json"]
     assert "7.25B parameters, window none" in out and "(the checkpoint names none)" in out

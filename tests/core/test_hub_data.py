@@ -8,9 +8,7 @@ refs/<revision>` holds the commit hash, `snapshots/<commit>/<path>` are symlinks
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from hub_cache import offline_hub, publish
 
 from mlx_mistral.cli import main
 from mlx_mistral.core.data import MissingSplit, load_dataset
@@ -54,34 +53,10 @@ def parquet(records) -> bytes:
     return buf.getvalue()
 
 
-def publish(cache: Path, repo: str, files: dict[str, bytes], revision: str = "main") -> str:
-    """Put a dataset repo's files in the Hub cache as `snapshot_download` leaves them; returns the commit."""
-    storage = cache / ("datasets--" + repo.replace("/", "--"))
-    commit = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
-    for rel, content in files.items():
-        blob = storage / "blobs" / hashlib.sha256(content).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(content)
-        link = storage / "snapshots" / commit / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    ref = storage / "refs" / revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    ref.write_text(commit)
-    return commit
-
-
 @pytest.fixture()
 def hub(tmp_path, monkeypatch):
     """An offline Hub cache in tmp (env for child processes, constants for this one, read at import)."""
-    import huggingface_hub.constants as c
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    cache = offline_hub(tmp_path, monkeypatch)
     monkeypatch.setenv("MLX_MISTRAL_CACHE", str(tmp_path / "tokenized"))
     return cache
 

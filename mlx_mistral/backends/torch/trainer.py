@@ -226,16 +226,11 @@ class TorchTrainer(TrainLoop):
                                find_unused_parameters=model.args.is_moe and lora_config is None)
 
     # -- backend hooks of TrainLoop -----------------------------------------------------------------------
-    def _emit(self, event: dict):
-        if event.get("event") == "start":
-            event = {**event, **self.attention_info()}
-        super()._emit(event)
-
-    def attention_info(self) -> dict:
+    def _attention_info(self) -> dict:
         """The attention path of this run's rows, for the start event: `attention` ("blockwise", "flex" or
         "sdpa") and `attention_block` (the query block size, None when not blockwise)."""
         path, block = self.model.attention_path(self.cfg.seq_len, self.device)
-        return {"attention": path, "attention_block": block}
+        return {**super()._attention_info(), "attention": path, "attention_block": block}
 
     def _device_name(self) -> str:
         return device_name(self.device)
