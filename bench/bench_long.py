@@ -180,7 +180,8 @@ def ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def run(lengths, steps, systems) -> list[dict]:
+def run(lengths, steps, systems, save=None) -> list[dict]:
+    """Every setting in its own subprocess; with `save`, the results so far are rewritten after each one."""
     results = []
     for model_name in MODELS:
         for L in lengths:
@@ -200,6 +201,9 @@ def run(lengths, steps, systems) -> list[dict]:
                 print(f"{model_name} {system:9s} L={L:6d} peak {res['peak'] / 1e9:6.2f} GB "
                       f"act {res['activations'] / 1e9:6.2f} GB {res['tok_s']:8.0f} tok/s", file=sys.stderr)
                 results.append(res)
+                if save:
+                    Path(save).parent.mkdir(parents=True, exist_ok=True)
+                    Path(save).write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -244,10 +248,7 @@ def main():
     if a.report:
         print(report(json.loads(Path(a.report).read_text())))
         return
-    results = run([int(x) for x in a.lengths.split(",")], a.steps, a.systems.split(","))
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(results, indent=1))
+    results = run([int(x) for x in a.lengths.split(",")], a.steps, a.systems.split(","), save=a.json)
     print(report(results))
 
 
