@@ -27,11 +27,8 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("shape,batch,seq_len,ckpt,bits", [
-    ("tiny", 4, 256, False, None), ("tiny", 4, 256, True, None), ("tiny-vocab32k", 2, 128, False, None),
-    ("small", 2, 256, False, None), ("small", 2, 256, True, 4)])
-def test_prediction_within_20_percent_of_measured_peak(tmp_path, shape, batch, seq_len, ckpt, bits):
-    args = ModelArgs(**SHAPES[shape])
+def _measured_peak(tmp_path, args, batch, seq_len, ckpt, bits=None):
+    """(peak bytes of two `Trainer` steps on random packed rows, the LoRA parameter count)."""
     gc.collect()
     mx.clear_cache()
     leftover = mx.get_active_memory()  # arrays other tests in this process still hold (not this run's)
@@ -47,9 +44,16 @@ def test_prediction_within_20_percent_of_measured_peak(tmp_path, shape, batch, s
     mx.clear_cache()
     mx.reset_peak_memory()
     Trainer(model, cfg, rows, lora_config=lc).run()
-    measured = mx.get_peak_memory() - leftover
-    pred = estimate(args, batch_size=batch, seq_len=seq_len, trainable_params=trainable_count(model),
-                    grad_checkpoint=ckpt, bits=bits).total
+    return mx.get_peak_memory() - leftover, trainable_count(model)
+
+
+@pytest.mark.parametrize("shape,batch,seq_len,ckpt,bits", [
+    ("tiny", 4, 256, False, None), ("tiny", 4, 256, True, None), ("tiny-vocab32k", 2, 128, False, None),
+    ("small", 2, 256, False, None), ("small", 2, 256, True, 4)])
+def test_prediction_within_20_percent_of_measured_peak(tmp_path, shape, batch, seq_len, ckpt, bits):
+    args = ModelArgs(**SHAPES[shape])
+    measured, n = _measured_peak(tmp_path, args, batch, seq_len, ckpt, bits)
+    pred = estimate(args, batch_size=batch, seq_len=seq_len, trainable_params=n, grad_checkpoint=ckpt, bits=bits).total
     assert 0.8 <= pred / measured <= 1.2, (pred, measured)
 
 
@@ -60,23 +64,8 @@ def test_long_row_prediction_within_20_percent_of_measured_peak(tmp_path, window
     """The blockwise path (automatic: blocks of 128 with window 256, 512 without one), rows of 16-32 windows,
     chunked MLP and loss, the trainer's compiled step: the planner's fitted constants to 20%."""
     args = ModelArgs(**dict(SHAPES["small"], sliding_window=window))
-    gc.collect()
-    mx.clear_cache()
-    leftover = mx.get_active_memory()
-    mx.random.seed(0)
-    model = Model(args)
-    rng = np.random.default_rng(0)
-    rows = Rows.from_packed(pack([rng.integers(3, args.vocab_size, rng.integers(seq_len // 4, seq_len))
-                                  for _ in range(4)], seq_len))
-    cfg = TrainConfig(steps=2, batch_size=1, seq_len=seq_len, grad_checkpoint=ckpt, eval_every=0, save_every=0,
-                      lora_rank=8, out=str(tmp_path))
-    lc = prepare_model(model, cfg, "m")
-    mx.eval(model.parameters())
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    Trainer(model, cfg, rows, lora_config=lc).run()
-    measured = mx.get_peak_memory() - leftover
-    e = estimate(args, batch_size=1, seq_len=seq_len, trainable_params=trainable_count(model), grad_checkpoint=ckpt)
+    measured, n = _measured_peak(tmp_path, args, 1, seq_len, ckpt)
+    e = estimate(args, batch_size=1, seq_len=seq_len, trainable_params=n, grad_checkpoint=ckpt)
     assert e.path == "blockwise"
     assert 0.8 <= e.total / measured <= 1.2, (e.as_dict(), measured)
 
