@@ -1,0 +1,339 @@
+"""Thesis round two: short documents, converged runs, controls that separate the factors.
+
+    python -m bench.thesis.round2 --config bench/thesis/round2.yaml --out bench/thesis/results2 [--mini]
+
+Round one's flaw: 1k-4k-token documents (naive packing crosses a boundary once every 2-5 rows) and 48
+steps. Here:
+1. Records of `rec_min..rec_max` tokens (BOS + a slice of a held-apart stdlib file + EOS), cut from the
+   same corpus as round one, so naive packing crosses a document boundary in every row.
+2. A small base (round one's pipeline and cache, keyed by its inputs).
+3. An lr sweep (one seed) for each recipe named in `sweep.recipes`; approaches whose `lr` is
+   `best:<name>` then run at that recipe's best lr.
+4. Every approach x seed, interleaved; eval loss recorded every `eval_every` steps (the curve) on the
+   held-out records each run alone: whole-record loss and loss on the first W tokens.
+5. The planner's longest row in a memory budget for each recipe's attention path (called at report time).
+Results are written after every run (`OUT/results.json`), the tables at the end (`OUT/results.md`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import click
+import mlx.core as mx
+import numpy as np
+import yaml
+
+from mlx_mistral.backends.mlx.loader import load_model
+from mlx_mistral.backends.mlx.trainer import Trainer, prepare_model
+from mlx_mistral.core.io import write_json, write_text
+from mlx_mistral.core.loop import Rows
+from mlx_mistral.core.packing import pack
+from mlx_mistral.core.train_config import TrainConfig
+from mlx_mistral.ui.callbacks import JSONLLogger
+
+from .corpus import BOS, EOS, build_corpus
+from .metrics import document_losses, mean_spread
+from .run import Progress, _load, log, machine_info, pretrain_base, steady_tokens_per_sec
+
+APPROACH_KEYS = {"name", "label", "lora_rank", "rank_policy", "packing", "lr", "attention"}
+TOP = {"seeds", "corpus", "records", "model", "pretrain", "finetune", "eval", "sweep", "planner", "approaches"}
+
+
+def load_round2(path, mini: bool = False) -> dict:
+    """The round-two config (its `mini` overrides applied when asked); unknown keys are a ValueError."""
+    path = Path(path)
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read the experiment config {path}: {e}") from None
+    over = cfg.pop("mini", None) or {}
+    if set(cfg) != TOP:
+        raise ValueError(f"{path}: top-level keys must be {', '.join(sorted(TOP))} (+ mini); "
+                         f"got {', '.join(sorted(cfg))}")
+    if mini:
+        for k, v in over.items():
+            if k not in TOP:
+                raise ValueError(f"{path}: mini.{k} is not a top-level key")
+            cfg[k] = {**cfg[k], **v} if isinstance(v, dict) else v
+    names = [a["name"] for a in cfg["approaches"]]
+    for i, a in enumerate(cfg["approaches"]):
+        if set(a) != APPROACH_KEYS:
+            raise ValueError(f"{path}: approaches[{i}] must have exactly the keys {', '.join(sorted(APPROACH_KEYS))}")
+        if isinstance(a["lr"], str) and (not a["lr"].startswith("best:") or a["lr"][5:] not in cfg["sweep"]["recipes"]):
+            raise ValueError(f"{path}: approaches[{i}].lr {a['lr']!r}: a number or best:<a name in sweep.recipes>")
+    for r in cfg["sweep"]["recipes"]:
+        if r not in names:
+            raise ValueError(f"{path}: sweep.recipes names {r!r}, which is not an approach")
+    return cfg
+
+
+# ---- short records -------------------------------------------------------------------------------------
+def cut_records(docs, lo: int, hi: int, seed: int) -> list[np.ndarray]:
+    """Each document (BOS + body + EOS) cut into records of lo..hi tokens (uniform length), each
+    BOS + slice + EOS; a tail shorter than `lo` is dropped."""
+    if not 4 <= lo <= hi:
+        raise ValueError(f"need 4 <= rec_min <= rec_max, got {lo}..{hi}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for d in docs:
+        body = np.asarray(d[1:-1])
+        s = 0
+        while True:
+            n = int(rng.integers(lo, hi + 1)) - 2
+            if s + n > len(body):
+                break
+            out.append(np.concatenate([[BOS], body[s:s + n], [EOS]]).astype(np.int32))
+            s += n
+    return out
+
+
+def record_losses(model, recs, window: int) -> dict:
+    """Whole-record and first-W-positions mean loss (nats/token), each record run alone."""
+    model.eval()
+    losses = [document_losses(model, r, chunk=max(len(r), 2)) for r in recs]
+    model.train()
+    whole = np.concatenate(losses)
+    first = np.concatenate([x[:window] for x in losses])
+    rest = [x[window:] for x in losses if len(x) > window]
+    return {"loss": float(whole.mean()), "first_w_loss": float(first.mean()),
+            "after_w_loss": float(np.concatenate(rest).mean()) if rest else None, "tokens": int(len(whole))}
+
+
+class Curve:
+    """Callback: on every eval event, the record losses of the model being trained."""
+
+    def __init__(self, model, recs, window):
+        self.model, self.recs, self.window, self.points = model, recs, window, []
+
+    def __call__(self, e):
+        if e["event"] == "eval":
+            self.points.append({"step": e["step"], "val_loss": e["val_loss"],
+                                **record_losses(self.model, self.recs, self.window)})
+
+
+def fine_tune(cfg, a, lr, seed, train_recs, eval_recs, base_dir, run_dir) -> dict:
+    f = cfg["finetune"]
+    window = cfg["model"]["sliding_window"]
+    model = load_model(base_dir, dtype="float32")
+    packed = pack(train_recs, f["seq_len"], mode=a["packing"])
+    rows = Rows.from_packed(packed)
+    val = Rows.from_packed(pack(eval_recs, f["seq_len"], mode="none"))
+    per_batch = rows.weights.sum() / len(rows) * f["batch_size"]
+    steps = max(1, math.ceil(f["tokens"] / per_batch))
+    every = max(1, steps // f["eval_points"])
+    tcfg = TrainConfig(model=str(base_dir), fine_tune="lora", seq_len=f["seq_len"], batch_size=f["batch_size"],
+                       packing=a["packing"], targets=f["targets"], lora_rank=a["lora_rank"],
+                       lora_alpha=f["alpha_over_rank"] * a["lora_rank"], rank_policy=a["rank_policy"],
+                       steps=steps, lr=lr, warmup_steps=max(1, round(f["warmup_fraction"] * steps)),
+                       seed=seed, eval_every=every, save_every=0, keep_checkpoints=1, out=str(run_dir)).validate()
+    lora_config = prepare_model(model, tcfg, str(base_dir))
+    prog = Progress(f"{a['name']} lr{lr:g} s{seed}", 50)
+    curve = Curve(model, eval_recs, window)
+    t0 = time.perf_counter()
+    end = Trainer(model, tcfg, rows, val, run_dir, callbacks=[JSONLLogger(run_dir / "metrics.jsonl"), prog, curve],
+                  lora_config=lora_config, model_name=str(base_dir)).run()
+    if end["reason"] != "done":
+        raise RuntimeError(f"{a['name']} seed {seed}: training ended with {end['reason']}: {end['message']}")
+    start = prog.of("start")[0]
+    final = curve.points[-1] if curve.points else {"step": steps, **record_losses(model, eval_recs, window)}
+    return {"approach": a["name"], "lr": lr, "seed": seed, "steps": steps, "eval_every": every,
+            "packed_rows": packed.rows, "packing_efficiency": packed.efficiency,
+            # a record starting after a row's first position: a boundary in the row (isolated or not by the mask)
+            "boundaries_per_row": float((np.asarray(packed.tokens)[:, 1:] == BOS).sum() / packed.rows),
+            "trainable_params": int(start["trainable_params"]), "peak_memory_gb": end["peak_memory"] / 2**30,
+            "tokens_per_sec": steady_tokens_per_sec(prog.of("train")), "final_train_loss": end["final_loss"],
+            "seconds": time.perf_counter() - t0, "curve": curve.points,
+            "loss": final["loss"], "first_w_loss": final["first_w_loss"], "after_w_loss": final["after_w_loss"]}
+
+
+# ---- planner column ----------------------------------------------------------------------------------------
+def planner_rows(cfg) -> list[dict]:
+    """Longest row in the budget for each approach's attention path, from the memory planner (now)."""
+    from mlx_mistral.core.adapters import count_params, plan_for_config
+    from mlx_mistral.core.config import bundled_config
+    from mlx_mistral.core.memory import longest_row, parse_size
+
+    p = cfg["planner"]
+    args = bundled_config(p["model"])
+    budget = parse_size(p["budget"])
+    out = []
+    for a in cfg["approaches"]:
+        tc = TrainConfig(model=p["model"], fine_tune="lora", lora_rank=a["lora_rank"], rank_policy=a["rank_policy"],
+                         targets=cfg["finetune"]["targets"], quantize=p["bits"], batch_size=1, grad_checkpoint=True,
+                         dtype="bfloat16").validate()
+        n = count_params(plan_for_config(args, tc))
+        r = longest_row(args, budget, batch_size=1, grad_checkpoint=True, fine_tune="lora", trainable_params=n,
+                        bits=p["bits"], dtype="bfloat16", attention=a["attention"])
+        out.append({"approach": a["name"], "attention": a["attention"], "trainable_params": n,
+                    "longest_row": r[0] if r else None, "estimate_gb": r[1].total / 1e9 if r else None})
+    return out
+
+
+# ---- aggregation and report (pure) ------------------------------------------------------------------------------
+def summarise(runs, approaches, seeds) -> dict:
+    """Per approach: mean ± sd of the final losses; mean curve; per-seed differences vs the first approach."""
+    ref = approaches[0]["name"]
+    out = {}
+    for a in approaches:
+        mine = {r["seed"]: r for r in runs if r["approach"] == a["name"]}
+        if not mine:
+            continue
+        s = {k: mean_spread([r[k] for r in mine.values()]) for k in ("loss", "first_w_loss", "peak_memory_gb",
+                                                                        "tokens_per_sec", "seconds")}
+        s["boundaries_per_row"] = statistics.fmean(r["boundaries_per_row"] for r in mine.values())
+        s["trainable_params"] = next(iter(mine.values()))["trainable_params"]
+        s["lr"] = next(iter(mine.values()))["lr"]
+        steps = [p["step"] for p in next(iter(mine.values()))["curve"]]
+        s["curve"] = [{"step": st, **{k: statistics.fmean(r["curve"][i][k] for r in mine.values()
+                                                           if i < len(r["curve"]))
+                                       for k in ("loss", "first_w_loss")}} for i, st in enumerate(steps)]
+        refs = {r["seed"]: r for r in runs if r["approach"] == ref}
+        common = sorted(set(mine) & set(refs))
+        if a["name"] != ref and len(common) >= 1:
+            for k in ("loss", "first_w_loss"):
+                d = [mine[x][k] - refs[x][k] for x in common]
+                s[f"delta_{k}"] = mean_spread(d)
+        out[a["name"]] = s
+    return out
+
+
+def verdict(delta: dict | None) -> str:
+    """Lower loss is better: supported when every seed improves and the mean exceeds 2 sd of the
+    differences; not supported when every seed is worse or equal; otherwise inconclusive."""
+    if not delta:
+        return "not run"
+    v = delta["values"]
+    if len(v) < 3:
+        return "inconclusive (fewer than 3 seeds)"
+    if all(x < 0 for x in v) and -delta["mean"] > 2 * delta["std"]:
+        return "supported"
+    if all(x >= 0 for x in v):
+        return "not supported"
+    return "inconclusive"
+
+
+def render2(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"# Thesis round two results ({res['mode']})", "", f"Command: `{res['command']}`", "",
+             f"Machine: {m['cpu']} ({m['cores']} cores), load {m['load_start']} at start, {m.get('load_end', '?')} "
+             f"at end. Wall time {res['elapsed_s'] / 60:.1f} min. Base: {res['base_info']['params']:,} parameters "
+             f"(W = {res['config']['model']['sliding_window']}). Records: {res['records']}.", ""]
+    lines += ["## lr sweep (seed %d): final whole-record loss / first-W loss" % res["config"]["sweep"]["seed"], "",
+              "| recipe | lr | loss | first-W loss |", "|---|---|---|---|"]
+    for r in res["sweep"]:
+        lines.append(f"| {r['approach']} | {r['lr']:g} | {r['loss']:.4f} | {r['first_w_loss']:.4f} |")
+    lines += ["", f"Best lr: {res['best_lr']}", "",
+              "## Final eval loss, mean ± sd over seeds; Δ = per-seed difference vs the first approach", "",
+              "| approach | lr | boundaries/row | loss | first-W loss | Δ loss | Δ first-W | verdict (Δ loss) | "
+              "trainable | peak MB | tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for a in res["config"]["approaches"]:
+        s = res["summaries"].get(a["name"])
+        if not s:
+            lines.append(f"| {a['name']} | not run |||||||||")
+            continue
+        def pm(x, d=4):
+            return f"{x['mean']:+.{d}f} ± {x['std']:.{d}f}" if x else "–"
+        lines.append(f"| {a['name']} | {s['lr']:g} | {s['boundaries_per_row']:.2f} | {s['loss']['mean']:.4f} ± "
+                     f"{s['loss']['std']:.4f} | {s['first_w_loss']['mean']:.4f} ± {s['first_w_loss']['std']:.4f} | "
+                     f"{pm(s.get('delta_loss'))} | {pm(s.get('delta_first_w_loss'))} | "
+                     f"{verdict(s.get('delta_loss')) if s.get('delta_loss') else '(reference)'} | "
+                     f"{s['trainable_params']:,} | {s['peak_memory_gb']['mean'] * 1024:.0f} | "
+                     f"{s['tokens_per_sec']['mean']:.0f} |")
+    lines += ["", "## Eval curves (mean over seeds): step: whole-record loss / first-W loss", ""]
+    for name, s in res["summaries"].items():
+        lines.append(f"- {name}: " + ", ".join(f"{p['step']}: {p['loss']:.3f}/{p['first_w_loss']:.3f}"
+                                               for p in s["curve"]))
+    if res.get("planner"):
+        p = res["config"]["planner"]
+        lines += ["", f"## Longest row in {p['budget']} ({p['model']}, {p['bits']}-bit QLoRA, batch 1, "
+                      "gradient checkpointing), from the memory planner (being calibrated)", "",
+                  "| approach | attention | trainable params | longest row | estimate GB |", "|---|---|---|---|---|"]
+        for r in res["planner"]:
+            lines.append(f"| {r['approach']} | {r['attention']} | {r['trainable_params']:,} | {r['longest_row']} | "
+                         f"{r['estimate_gb'] and round(r['estimate_gb'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_round2(cfg, out: Path, cache: Path, command: str, mode: str) -> dict:
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = build_corpus(cache, **cfg["corpus"])
+    rc = cfg["records"]
+    train_recs = cut_records(corpus.finetune, rc["rec_min"], rc["rec_max"], rc["seed"])
+    eval_recs = cut_records(corpus.eval, rc["rec_min"], rc["rec_max"], rc["seed"] + 1)[:rc["n_eval"]]
+    lens = np.array([len(r) for r in train_recs])
+    rec_info = {"train": len(train_recs), "eval": len(eval_recs), "median_len": float(np.median(lens)),
+                "min_len": int(lens.min()), "max_len": int(lens.max())}
+    log(f"records: {rec_info}")
+    base_dir, base_info = pretrain_base(cfg, corpus, cache)
+    window = cfg["model"]["sliding_window"]
+    base_eval = record_losses(load_model(base_dir, dtype="float32"), eval_recs, window)
+    res = {"mode": mode, "command": command, "config": cfg, "machine": machine_info(), "records": rec_info,
+           "base_info": base_info, "base": base_eval, "sweep": [], "best_lr": {}, "runs": [], "summaries": {},
+           "planner": None, "elapsed_s": 0.0}
+    try:
+        res["planner"] = planner_rows(cfg)
+    except ValueError as e:
+        res["planner_error"] = str(e)
+    by_name = {a["name"]: a for a in cfg["approaches"]}
+    runs_root = cache / f"runs2-{mode}"
+
+    def save():
+        res["elapsed_s"] = time.perf_counter() - t0
+        write_json(out / "results.json", res)
+
+    sw = cfg["sweep"]
+    for lr in sw["lrs"]:
+        for name in sw["recipes"]:
+            a = by_name[name]
+            r = fine_tune(cfg, a, lr, sw["seed"], train_recs, eval_recs, base_dir, runs_root / f"sweep-{name}-{lr:g}")
+            log(f"sweep {name} lr {lr:g}: loss {r['loss']:.4f} first-W {r['first_w_loss']:.4f}")
+            res["sweep"].append(r)
+            save()
+    for name in sw["recipes"]:
+        mine = [r for r in res["sweep"] if r["approach"] == name]
+        res["best_lr"][name] = min(mine, key=lambda r: r["loss"])["lr"]
+    for seed in cfg["seeds"]:
+        for a in cfg["approaches"]:
+            lr = res["best_lr"][a["lr"][5:]] if isinstance(a["lr"], str) else float(a["lr"])
+            reuse = [r for r in res["sweep"] if r["approach"] == a["name"] and r["lr"] == lr and r["seed"] == seed]
+            r = reuse[0] if reuse else fine_tune(cfg, a, lr, seed, train_recs, eval_recs, base_dir,
+                                                 runs_root / f"{a['name']}-s{seed}")
+            log(f"{a['name']} s{seed} lr {lr:g}: loss {r['loss']:.4f} first-W {r['first_w_loss']:.4f} "
+                f"({r['seconds']:.0f} s)")
+            res["runs"].append({**r, "approach": a["name"]})
+            res["summaries"] = summarise(res["runs"], cfg["approaches"], cfg["seeds"])
+            save()
+            write_text(out / "results.md", render2(res))
+    res["machine"]["load_end"] = _load()
+    save()
+    write_text(out / "results.md", render2(res))
+    log(f"done in {res['elapsed_s'] / 60:.1f} min")
+    return res
+
+
+@click.command()
+@click.option("--config", "config_path", default="bench/thesis/round2.yaml", show_default=True,
+              type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", default="bench/thesis/results2", show_default=True, type=click.Path(file_okay=False))
+@click.option("--cache", default="bench/thesis/.cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--mini", is_flag=True, help="The config's `mini` section: the test suite's miniature.")
+def main(config_path, out, cache, mini):
+    """Thesis round two: short documents, eval curves, factor controls, per-recipe best lr."""
+    try:
+        cfg = load_round2(config_path, mini)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    command = "python -m bench.thesis.round2 " + " ".join(sys.argv[1:])
+    run_round2(copy.deepcopy(cfg), Path(out), Path(cache), command, "mini" if mini else "full")
+
+
+if __name__ == "__main__":
+    main()
