@@ -23,6 +23,11 @@ MODES = ("auto", "dense", "blockwise")
 AUTO_MIN_LEN = 1024
 AUTO_BLOCK_MIN, AUTO_BLOCK_MAX = 64, 512
 AUTO_BAND_SCORES = 1 << 22  # scores per head of one block without a window (4M: 16 MB fp32)
+# Logits per chunk of the LM head and cross-entropy (both backends, and the planner): 16M, 64 MB in fp32,
+# 512 tokens of a 32k vocabulary. The loss's chunk is a constant cost of every long row (its backward holds
+# a few (chunk, vocab) fp32 copies), so it is kept to a few hundred tokens: measured, chunks of 1024 at
+# vocab 32k cost a 2-layer bench model ~0.3 GB more peak than chunks of 512 at any row length.
+LOSS_ELEMENTS = 1 << 24
 
 
 def auto_block(window: int | None, seq_len: int | None = None) -> int:
@@ -37,6 +42,13 @@ def auto_block(window: int | None, seq_len: int | None = None) -> int:
         return c
     c = 1 << max(0, (window // 2).bit_length() - 1)  # the power of two <= W/2
     return int(min(AUTO_BLOCK_MAX, max(AUTO_BLOCK_MIN, c)))
+
+
+def loss_chunk(vocab_size: int) -> int:
+    """Tokens per chunk of the LM head and cross-entropy: LOSS_ELEMENTS logits, rounded down to a multiple
+    of 64 tokens when there are that many (512 for vocab 32000 or 32768, 128 for Nemo's 131072)."""
+    n = max(1, LOSS_ELEMENTS // max(1, int(vocab_size)))
+    return n - n % 64 if n >= 64 else n
 
 
 def choose(seq_len: int, window: int | None, mode: str = "auto", block: int | None = None) -> int | None:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .blocks import choose, peak_scores
+from .blocks import choose, loss_chunk as default_loss_chunk, peak_scores
 from .config import ModelArgs
 
 GB = 1e9
@@ -70,10 +70,9 @@ BLOCKWISE_SCORE_BYTES = 8.0
 BLOCKWISE_LAYER_SCALE = 1.0
 # fp32 copies of one projection's LoRA side path alive at once (its input cast to fp32, its fp32 output).
 BLOCKWISE_LORA_FP32_COPIES = 2.0
-# Tokens per chunk of the checkpointed layer's MLP and of the SFT loss (the backends' chunk sizes: MLX's
-# model.LAYER_CHUNK and LOSS_CHUNK).
+# Tokens per chunk of the checkpointed layer's MLP (MLX's model.LAYER_CHUNK); the SFT loss's chunk is
+# `core.blocks.loss_chunk(vocab)`, both backends' policy.
 MLP_CHUNK = 1024
-LOSS_CHUNK = 1024
 # Live (B, chunk, vocab) fp32 copies in one chunk of the loss (counted: logits, their log-softmax, the
 # gradient; fitted: 5, as mx.compile keeps about one more chunk's worth and the forward's chunk overlaps the
 # backward's), and (B, L, hidden) copies the chunked loss holds (its input, the input's gradient, the
@@ -179,7 +178,7 @@ def blockwise_activation_bytes(args: ModelArgs, batch: int, seq_len: int, checkp
 def estimate(args: ModelArgs, *, batch_size: int, seq_len: int, fine_tune: str = "lora", trainable_params: int = 0,
              bits: int | None = None, group_size: int = 64, dtype: str = "float32", grad_checkpoint: bool = False,
              grad_accum: int = 1, objective: str = "sft", attention: str = "auto", attention_block: int | None = None,
-             mlp_chunk: int = MLP_CHUNK, loss_chunk: int = LOSS_CHUNK) -> Estimate:
+             mlp_chunk: int = MLP_CHUNK, loss_chunk: int | None = None) -> Estimate:
     """Predicted peak memory of one training step. `fine_tune`: "lora" (adapters) or "full";
     `trainable_params`: the LoRA parameter count (ignored for full fine-tuning, where every parameter trains
     in fp32); `objective`: sft, dpo or orpo; `attention`: auto, dense or blockwise, with `attention_block`
@@ -210,7 +209,7 @@ def estimate(args: ModelArgs, *, batch_size: int, seq_len: int, fine_tune: str =
         acts, attn = blockwise_activation_bytes(args, batch_size, seq_len, grad_checkpoint, block, act_dtype,
                                                 mlp_chunk, lora=fine_tune != "full")
         if objective == "sft":  # the chunked loss; DPO / ORPO still take whole (B, L, vocab) log-probs
-            chunk = min(loss_chunk, seq_len)
+            chunk = min(loss_chunk or default_loss_chunk(args.vocab_size), seq_len)
             copies = CHUNK_LOGIT_COPIES + (0.0 if grad_checkpoint else NOCKPT_EXTRA_LOGIT_COPIES)
             logits = int(copies * batch_size * chunk * args.vocab_size * 4
                          + LOSS_HIDDEN_COPIES * batch_size * seq_len * args.hidden_size * _DTYPE_BYTES[act_dtype])

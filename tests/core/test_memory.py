@@ -190,14 +190,16 @@ def test_blockwise_memory_is_linear_past_the_window_and_one_block_of_scores():
 
 def test_blockwise_chunks_logits_and_mlp():
     """No (B, L, vocab) logits and no (L, intermediate) MLP tensor: those terms stop growing with L."""
-    from mlx_mistral.core.memory import CHUNK_LOGIT_COPIES, LOSS_CHUNK
+    from mlx_mistral.core.blocks import loss_chunk
+    from mlx_mistral.core.memory import CHUNK_LOGIT_COPIES
 
     args = bundled_config("mistral-7b-v0.1")
     a, b = (estimate(args, batch_size=1, seq_len=L, attention="blockwise", grad_checkpoint=True, dtype="bfloat16")
             for L in (16384, 32768))
     per_token_hidden = 16384 * args.hidden_size * 2
     assert b.logits - a.logits == 3 * per_token_hidden  # only the (B, L, hidden) copies of the chunked loss grow
-    assert a.logits < 1.1 * (CHUNK_LOGIT_COPIES * LOSS_CHUNK * args.vocab_size * 4 + 3 * per_token_hidden)
+    assert loss_chunk(args.vocab_size) == 512
+    assert a.logits < 1.1 * (CHUNK_LOGIT_COPIES * 512 * args.vocab_size * 4 + 3 * per_token_hidden)
     dense = estimate(args, batch_size=1, seq_len=16384, attention="dense", grad_checkpoint=True, dtype="bfloat16")
     assert dense.logits == 2 * 16384 * args.vocab_size * 4
 

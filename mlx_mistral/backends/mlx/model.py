@@ -31,9 +31,10 @@ from ...core.masks import allowed, causal_mask
 from . import blockwise
 
 # Tokens per chunk of a chunked layer part (the MLP in a checkpointed layer's recomputation) and of the
-# chunked loss: (chunk, intermediate) and (chunk, vocab) are the largest tensors they hold.
+# chunked loss: (chunk, intermediate) and (chunk, vocab) are the largest tensors they hold. LOSS_CHUNK None:
+# `core.blocks.loss_chunk(vocab)`, the policy both backends and the planner share (512 at vocab 32k).
 LAYER_CHUNK = 1024
-LOSS_CHUNK = 1024
+LOSS_CHUNK: int | None = None
 
 
 # ---- masks and positions (the rule is core/masks.py's) ------------------------------------------------

@@ -18,7 +18,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from ...core import loop
+from ...core import blocks as block_plan, loop
 from ...core.checkpoints import check_names
 from ...core.loop import Rows, TrainLoop, batch_rows, dropout_seed, micro_rows
 from ...core.train_config import TrainConfig
@@ -44,7 +44,8 @@ def row_losses(model, tokens, segment_ids, positions, targets, weights):
             model.update(params)
             return model.logits(hc)
 
-        return blockwise.chunked_loss(head, model.head_parameters(), h, targets, weights, LOSS_CHUNK), w.sum()
+        chunk = LOSS_CHUNK or block_plan.loss_chunk(model.args.vocab_size)
+        return blockwise.chunked_loss(head, model.head_parameters(), h, targets, weights, chunk), w.sum()
     logits = model(tokens, segment_ids=segment_ids, positions=positions)  # (B, L, vocab)
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")  # (B, L)
     return (ce * w).sum(axis=1), w.sum()

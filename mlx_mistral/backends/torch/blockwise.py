@@ -97,12 +97,7 @@ def chunked(fn, x: torch.Tensor, chunk: int, *rest: torch.Tensor, dim: int = 1) 
 
 
 # ---- the loss, a chunk of tokens at a time ----------------------------------------------------------------
-LOSS_ELEMENTS = 1 << 25  # logits per loss chunk: 128 MB in fp32 (1024 tokens of a 32768-token vocabulary)
-
-
-def loss_chunk(vocab_size: int) -> int:
-    """Tokens per chunk of the LM head and cross-entropy."""
-    return max(1, LOSS_ELEMENTS // vocab_size)
+loss_chunk = blocks.loss_chunk  # tokens per chunk of the LM head and cross-entropy: one policy for both backends
 
 
 def token_nll(head, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:

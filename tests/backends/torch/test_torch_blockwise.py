@@ -154,7 +154,8 @@ def test_chunked_loss_equals_dense_cross_entropy(tiny_models):
         assert abs(float(got.detach()) - float(want.detach())) < 1e-5 * float(want.detach()) and float(n) == float(wf.sum())
         for a, b in zip(torch.autograd.grad(got, params), gw):
             assert (a - b).abs().max() < 1e-5
-    assert blockwise.loss_chunk(32768) == 1024 and blockwise.loss_chunk(10 ** 9) == 1
+    assert blockwise.loss_chunk(32768) == 512 and blockwise.loss_chunk(32000) == 512
+    assert blockwise.loss_chunk(131072) == 128 and blockwise.loss_chunk(10 ** 9) == 1
 
 
 def test_attention_path_choice_and_errors(tiny_models):
