@@ -23,7 +23,7 @@ Two attention paths (`attention` and `attention_block`, the config keys; `core.b
 - blockwise: queries in blocks of C tokens, each block's backward recomputing its scores over its key band
   (at most C + W - 1 keys; up to L without a window) one block at a time, so attention holds one block's
   scores, B x H x C x band, instead of B x H x L x L. Checkpointed layers are recomputed with the MLP in
-  chunks of `mlp_chunk` tokens (no (L, intermediate) tensor; Mixtral's experts are not chunked), and the SFT
+  chunks of `mlp_chunk` tokens (no (L, intermediate) tensor, Mixtral's experts included), and the SFT
   loss computes logits `loss_chunk` tokens at a time (no (B, L, vocab) tensor; DPO / ORPO still take whole
   rows' log-probs). What grows with L: each checkpointed layer's input (B, L, hidden) and, in the one layer
   being recomputed, its projections, attention output, residuals and their gradients. Without
@@ -32,9 +32,11 @@ Calibration of the blockwise path: the per-token counts (`BLOCKWISE_LAYER_SCALE`
 counts of the tensors the path keeps; `CHUNK_LOGIT_COPIES` and `BLOCKWISE_SCORE_BYTES` were fitted to
 `mx.get_peak_memory()` of compiled MLX training steps (the trainer's default) on a 4-layer hidden-256
 vocab-32k model, rows of 2k-16k tokens with window 256 and 4k-8k without a window, and 4k-8k without
-checkpointing (`NOCKPT_EXTRA_LOGIT_COPIES`): predictions within 0.89-1.06x of the measured peaks (tests/core/test_memory.py checks long rows to 20%). The measured peaks do
-not grow smoothly with L (4k -> 8k +0.23 GB, 8k -> 16k +0.05 GB at window 256): MLX's scheduling of the
-chunks moves the peak between phases; the planner draws a line through them.
+checkpointing (`NOCKPT_EXTRA_LOGIT_COPIES`), with loss chunks of `core.blocks.loss_chunk(vocab)` (512
+tokens): predictions within 0.88-1.18x of the measured peaks (BENCHMARKS.md has the table;
+tests/core/test_memory.py checks four long rows to 20%). The measured peaks do not grow smoothly with L
+(window 256: 2k -> 4k +0.11 GB, 4k -> 8k +0.03 GB, 8k -> 16k +0.07 GB): MLX's scheduling of the chunks
+moves the peak between phases; the planner draws a line through them, above them at 16k.
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ OBJECTIVES = ("sft", "dpo", "orpo")
 
 # ---- blockwise path (see "Calibration" above) ----
 # Bytes per (query, key) pair of the one live block in a backward pass: counted, fp32 scores, masked scores,
-# probabilities and their gradient would be 16; fitted, 8 (two fp32 copies live at once: the others are
-# fused or freed in turn; measured without a window, where the block's band is the whole row).
-BLOCKWISE_SCORE_BYTES = 8.0
+# probabilities and their gradient would be 16; fitted, 12 (measured without a window, where the block's
+# band is the whole row: rows of 4k fit 8 bytes, two fp32 copies live at once, rows of 8k fit 16, all four;
+# 12 keeps both within 20%, and which copies MLX keeps at once is its scheduler's choice, not ours).
+BLOCKWISE_SCORE_BYTES = 12.0
 # The one recomputed layer's full-length tensors at its peak, the attention's backward, per token: forward,
 # the attention norm's output and the residual (2 h), q, k, v and rotated q, k (2 q + 3 kv), the attention
 # output (q); backward, the incoming gradient (h), the attention output's (q), the accumulated q, k, v
@@ -168,9 +171,7 @@ def blockwise_activation_bytes(args: ModelArgs, batch: int, seq_len: int, checkp
     inputs = args.num_hidden_layers * batch * seq_len * h * db  # each checkpointed layer's input
     wide = (3 * h + 6 * q + 7 * kv) * db + side * max(h, q)  # per token, whole row
     mlp = 2 * (4 * i + 2 * h) * db + side * max(h, i)  # per token, one MLP chunk
-    # Mixtral's experts are not chunked (MLX differentiates gather_mm by vmap, which the chunks' custom
-    # backward does not support): its MLP holds the whole row
-    mlp_tokens = seq_len if args.is_moe else min(mlp_chunk, seq_len)
+    mlp_tokens = min(mlp_chunk, seq_len)  # Mixtral's experts too: `i` is already k experts wide
     recomputed = BLOCKWISE_LAYER_SCALE * batch * (seq_len * wide + mlp_tokens * mlp)
     return int(inputs + recomputed), attention
 

@@ -178,7 +178,7 @@ def test_blockwise_memory_is_linear_past_the_window_and_one_block_of_scores():
     for L in (8192, 16384, 32768):  # past the window: (peak - weights - optimizer state) <= 2.1x per doubling
         assert (es[2 * L].total - fixed) <= 2.1 * (es[L].total - fixed)
         assert es[2 * L].attention == es[L].attention  # one block's band: C x (C + W - 1) keys, whatever L
-    assert es[8192].attention == BLOCKWISE_SCORE_BYTES * 32 * peak_scores(8192, 512, 4096) == 8 * 32 * 512 * (512 + 4095)
+    assert es[8192].attention == BLOCKWISE_SCORE_BYTES * 32 * peak_scores(8192, 512, 4096) == 12 * 32 * 512 * (512 + 4095)
     # no window: the band grows to the row, so the one block's scores grow linearly in L
     v3 = [qlora_7b("mistral-7b-v0.3", L, attention="blockwise", attention_block=512).attention for L in (8192, 16384)]
     assert v3[1] == 2 * v3[0]
@@ -240,13 +240,17 @@ def test_longest_rows_table_blockwise_reaches_far_beyond_dense():
     assert table[-1]["blockwise"][0] == 32768
 
 
-def test_blockwise_keeps_whole_rows_where_the_backend_does_not_chunk():
-    """Mixtral's experts run on the whole row; DPO / ORPO take whole rows' log-probs (no chunked loss)."""
+def test_blockwise_chunks_experts_but_not_preference_log_probs():
+    """Mixtral's experts run a chunk of tokens at a time like a dense MLP (no (L, k x intermediate) tensor
+    grows with L); DPO / ORPO take whole rows' log-probs (no chunked loss)."""
     moe = bundled_config("mixtral-8x7b-v0.1")
     a, b = (estimate(moe, batch_size=1, seq_len=L, attention="blockwise", grad_checkpoint=True, dtype="bfloat16",
                      bits=4) for L in (8192, 16384))
-    i_k = moe.intermediate_size * moe.num_experts_per_tok
-    assert b.activations - a.activations > 8192 * 2 * 4 * i_k * 2  # (L, k x intermediate) grows with L
+    h, q, kv = moe.hidden_size, moe.num_attention_heads * moe.head_dim, moe.num_key_value_heads * moe.head_dim
+    # per token: each layer's checkpointed input and the recomputed layer's whole-row attention tensors (bf16,
+    # and LoRA's fp32 side path), nothing k x intermediate wide
+    per_token = moe.num_hidden_layers * h * 2 + (3 * h + 6 * q + 7 * kv) * 2 + 8 * max(h, q)
+    assert b.activations - a.activations == pytest.approx(8192 * per_token, abs=16)
     args = bundled_config("mistral-7b-v0.1")
     kw = dict(batch_size=1, seq_len=8192, attention="blockwise", grad_checkpoint=True, dtype="bfloat16")
     assert estimate(args, objective="dpo", **kw).logits == 3 * 8192 * args.vocab_size * 4

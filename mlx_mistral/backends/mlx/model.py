@@ -291,9 +291,7 @@ class TransformerBlock(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), mask, positions, cache, blocks)
         ffn = self.block_sparse_moe if "block_sparse_moe" in self else self.mlp
         norm = self.post_attention_layernorm
-        # Mixtral's experts are not chunked: the chunked backward failed on them with MLX 0.32 (wrong primals
-        # in the custom VJP; possibly the frozen-parameters case serial_map now works around — not re-tested).
-        if chunk is None or h.shape[1] <= chunk or "block_sparse_moe" in self:
+        if chunk is None or h.shape[1] <= chunk:
             return h + ffn(norm(h))
 
         def part(params, hc):

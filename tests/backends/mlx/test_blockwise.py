@@ -113,11 +113,13 @@ def test_model_loss_and_gradients_equal_dense(shape, lora, monkeypatch):
         assert np.abs(logits - ref_logits).max() < 1e-5, key
 
 
-def test_frozen_mlp_chunks_with_adapters_on_attention_only(monkeypatch):
-    """LoRA on q, k, v, o only: the chunked MLP has no trainable parameter (a case MLX's custom VJP inside
-    `mx.checkpoint` once got wrong); loss and gradients still equal the dense path."""
+@pytest.mark.parametrize("shape", ["swa", "mixtral"])
+def test_frozen_mlp_chunks_with_adapters_on_attention_only(shape, monkeypatch):
+    """LoRA on q, k, v, o only: the chunked MLP (Mixtral: the router and experts) has no trainable parameter
+    (a case MLX's custom VJP inside `mx.checkpoint` once got wrong); loss and gradients still equal the
+    dense path."""
     monkeypatch.setattr(M, "LAYER_CHUNK", 50)
-    m = tiny()
+    m = tiny(**SHAPES[shape])
     m.freeze()
     apply_lora(m, ["q_proj", "k_proj", "v_proj", "o_proj"], rank=4, alpha=8)
     tok, seg, pos, tgt, w = packed_batch(2)
