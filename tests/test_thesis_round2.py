@@ -44,8 +44,15 @@ def test_round2_miniature_end_to_end(tmp_path):
     cfg = res["config"]
     names = [a["name"] for a in cfg["approaches"]]
     assert {"generic", "mistral-aware"} <= set(names)
-    assert len(res["sweep"]) == len(cfg["sweep"]["lrs"]) * len(cfg["sweep"]["recipes"])
     assert set(res["best_lr"]) == set(cfg["sweep"]["recipes"])
+    step = cfg["sweep"]["lrs"][-1] / cfg["sweep"]["lrs"][-2]
+    for name in cfg["sweep"]["recipes"]:  # the configured lrs, then 4x more while the best is the top one
+        lrs = [r["lr"] for r in res["sweep"] if r["approach"] == name]
+        extra = lrs[len(cfg["sweep"]["lrs"]):]
+        assert lrs[:len(cfg["sweep"]["lrs"])] == cfg["sweep"]["lrs"] and len(extra) <= cfg["sweep"]["extend"]
+        assert extra == [pytest.approx(cfg["sweep"]["lrs"][-1] * step ** (k + 1)) for k in range(len(extra))]
+        at_edge = res["best_lr"][name] == max(lrs)
+        assert res["best_lr_at_edge"][name] == at_edge and (not at_edge or len(extra) == cfg["sweep"]["extend"])
     assert sorted((r["approach"], r["seed"]) for r in res["runs"]) == sorted((n, s) for n in names for s in cfg["seeds"])
     for r in res["runs"] + res["sweep"]:
         for key in ("loss", "first_w_loss"):  # whole-record and first-W loss, reported separately
@@ -58,3 +65,9 @@ def test_round2_miniature_end_to_end(tmp_path):
     planner = {p["approach"]: p for p in res["planner"]}
     assert planner["generic"]["attention"] == "dense" and planner["mistral-aware"]["attention"] == "blockwise"
     assert "first-W" in (out / "results.md").read_text()
+    # a second invocation reuses every finished fine-tune (result.json in each run directory)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads((out / "results.json").read_text())
+    assert all(r.get("reused") for r in again["sweep"] + again["runs"])
+    assert [r["loss"] for r in again["runs"]] == [r["loss"] for r in res["runs"]]

@@ -7,17 +7,21 @@ steps. Here:
 1. Records of `rec_min..rec_max` tokens (BOS + a slice of a held-apart stdlib file + EOS), cut from the
    same corpus as round one, so naive packing crosses a document boundary in every row.
 2. A small base (round one's pipeline and cache, keyed by its inputs).
-3. An lr sweep (one seed) for each recipe named in `sweep.recipes`; approaches whose `lr` is
-   `best:<name>` then run at that recipe's best lr.
+3. An lr sweep (one seed) for each recipe named in `sweep.recipes`, extended upwards (by the list's last
+   ratio, `sweep.extend` times at most) while a recipe's best lr is the largest tried; approaches whose
+   `lr` is `best:<name>` then run at that recipe's best lr.
 4. Every approach x seed, interleaved; eval loss recorded every `eval_every` steps (the curve) on the
    held-out records each run alone: whole-record loss and loss on the first W tokens.
 5. The planner's longest row in a memory budget for each recipe's attention path (called at report time).
-Results are written after every run (`OUT/results.json`), the tables at the end (`OUT/results.md`).
+Results are written after every run (`OUT/results.json`), the tables at the end (`OUT/results.md`); each
+finished fine-tune leaves `result.json` in its run directory, keyed by everything that decides it, so a
+rerun of the command (stopped part way, or with more lrs or seeds) reuses the runs already done.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import statistics
@@ -116,6 +120,32 @@ class Curve:
         if e["event"] == "eval":
             self.points.append({"step": e["step"], "val_loss": e["val_loss"],
                                 **record_losses(self.model, self.recs, self.window)})
+
+
+def run_key(cfg, a, lr, seed) -> str:
+    """What decides a fine-tune's result: the data, base and fine-tune settings, the approach (less its
+    label), the lr and the seed. Not the sweep's lr list, the seeds list or the approaches around it."""
+    what = {k: cfg[k] for k in ("corpus", "records", "model", "pretrain", "finetune", "eval")}
+    what.update(approach={k: v for k, v in a.items() if k != "label"}, lr=float(lr), seed=int(seed))
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_fine_tune(cfg, a, lr, seed, train_recs, eval_recs, base_dir, run_dir) -> dict:
+    """`fine_tune`, or the result a finished run with the same `run_key` left in `run_dir/result.json`:
+    a round stopped part way resumes where it stopped, and a sweep extended later reruns nothing."""
+    key = run_key(cfg, a, lr, seed)
+    done = Path(run_dir) / "result.json"
+    if done.exists():
+        try:
+            saved = json.loads(done.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("key") == key:
+            log(f"{a['name']} lr {lr:g} s{seed}: reusing {done}")
+            return {**saved["result"], "reused": True}
+    r = fine_tune(cfg, a, lr, seed, train_recs, eval_recs, base_dir, run_dir)
+    write_json(done, {"key": key, "result": r})
+    return r
 
 
 def fine_tune(cfg, a, lr, seed, train_recs, eval_recs, base_dir, run_dir) -> dict:
@@ -223,13 +253,17 @@ def render2(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Thesis round two results ({res['mode']})", "", f"Command: `{res['command']}`", "",
              f"Machine: {m['cpu']} ({m['cores']} cores), load {m['load_start']} at start, {m.get('load_end', '?')} "
-             f"at end. Wall time {res['elapsed_s'] / 60:.1f} min. Base: {res['base_info']['params']:,} parameters "
+             f"at end. Wall time {res['elapsed_s'] / 60:.1f} min; the fine-tunes' own time "
+             f"{sum({(r['approach'], r['lr'], r['seed']): r['seconds'] for r in res['sweep'] + res['runs']}.values()) / 60:.1f} min"
+             f"{' (some reused from an earlier invocation)' if any(r.get('reused') for r in res['sweep'] + res['runs']) else ''}. Base: {res['base_info']['params']:,} parameters "
              f"(W = {res['config']['model']['sliding_window']}). Records: {res['records']}.", ""]
     lines += ["## lr sweep (seed %d): final whole-record loss / first-W loss" % res["config"]["sweep"]["seed"], "",
               "| recipe | lr | loss | first-W loss |", "|---|---|---|---|"]
     for r in res["sweep"]:
         lines.append(f"| {r['approach']} | {r['lr']:g} | {r['loss']:.4f} | {r['first_w_loss']:.4f} |")
-    lines += ["", f"Best lr: {res['best_lr']}", "",
+    edge = [n for n, e in res.get("best_lr_at_edge", {}).items() if e]
+    lines += ["", f"Best lr: {res['best_lr']}" + (f" (at the sweep's top edge for {', '.join(edge)}: a lower bound)"
+                                                  if edge else ""), "",
               "## Final eval loss, mean ± sd over seeds; Δ = per-seed difference vs the first approach", "",
               "| approach | lr | boundaries/row | loss | first-W loss | Δ loss | Δ first-W | verdict (Δ loss) | "
               "trainable | peak MB | tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -290,22 +324,35 @@ def run_round2(cfg, out: Path, cache: Path, command: str, mode: str) -> dict:
         write_json(out / "results.json", res)
 
     sw = cfg["sweep"]
+
+    def sweep_run(name, lr):
+        r = cached_fine_tune(cfg, by_name[name], lr, sw["seed"], train_recs, eval_recs, base_dir,
+                             runs_root / f"sweep-{name}-{lr:g}")
+        log(f"sweep {name} lr {lr:g}: loss {r['loss']:.4f} first-W {r['first_w_loss']:.4f}")
+        res["sweep"].append(r)
+        save()
+
     for lr in sw["lrs"]:
         for name in sw["recipes"]:
-            a = by_name[name]
-            r = fine_tune(cfg, a, lr, sw["seed"], train_recs, eval_recs, base_dir, runs_root / f"sweep-{name}-{lr:g}")
-            log(f"sweep {name} lr {lr:g}: loss {r['loss']:.4f} first-W {r['first_w_loss']:.4f}")
-            res["sweep"].append(r)
-            save()
+            sweep_run(name, lr)
+    step = sw["lrs"][-1] / sw["lrs"][-2] if len(sw["lrs"]) > 1 else 4.0
     for name in sw["recipes"]:
+        # a best lr at the sweep's top edge is a lower bound, not a best: go on up (sweep.extend times at most)
+        for _ in range(int(sw.get("extend", 0))):
+            mine = [r for r in res["sweep"] if r["approach"] == name]
+            best, top = min(mine, key=lambda r: r["loss"]), max(mine, key=lambda r: r["lr"])
+            if best is not top:
+                break
+            sweep_run(name, float(f"{top['lr'] * step:.6g}"))
         mine = [r for r in res["sweep"] if r["approach"] == name]
         res["best_lr"][name] = min(mine, key=lambda r: r["loss"])["lr"]
+        res.setdefault("best_lr_at_edge", {})[name] = res["best_lr"][name] == max(r["lr"] for r in mine)
     for seed in cfg["seeds"]:
         for a in cfg["approaches"]:
             lr = res["best_lr"][a["lr"][5:]] if isinstance(a["lr"], str) else float(a["lr"])
             reuse = [r for r in res["sweep"] if r["approach"] == a["name"] and r["lr"] == lr and r["seed"] == seed]
-            r = reuse[0] if reuse else fine_tune(cfg, a, lr, seed, train_recs, eval_recs, base_dir,
-                                                 runs_root / f"{a['name']}-s{seed}")
+            r = reuse[0] if reuse else cached_fine_tune(cfg, a, lr, seed, train_recs, eval_recs, base_dir,
+                                                        runs_root / f"{a['name']}-s{seed}")
             log(f"{a['name']} s{seed} lr {lr:g}: loss {r['loss']:.4f} first-W {r['first_w_loss']:.4f} "
                 f"({r['seconds']:.0f} s)")
             res["runs"].append({**r, "approach": a["name"]})
