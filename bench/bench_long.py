@@ -1,6 +1,6 @@
 """Long rows: peak memory and tokens/s of one LoRA training step, blockwise vs dense vs mlx-lm, 1k-32k tokens.
 
-    python bench/bench_long.py [--lengths 1024,2048,4096,8192,16384,32768] [--steps 2] [--json bench/out/long.json]
+    python bench/bench_long.py [--lengths 1024,...,32768] [--steps 2] [--models long-w4096,long-w256] [--json bench/out/long.json]
     python bench/bench_long.py --report bench/out/long.json   # the tables of a saved run again
 
 Two bench models, random, fp32, 2 layers, hidden 512, 8 query heads of 64 (2 KV heads), MLP 1408, vocab
@@ -182,10 +182,10 @@ def ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def run(lengths, steps, systems, save=None) -> list[dict]:
+def run(lengths, steps, systems, save=None, models=tuple(MODELS)) -> list[dict]:
     """Every setting in its own subprocess; with `save`, the results so far are rewritten after each one."""
     results = []
-    for model_name in MODELS:
+    for model_name in models:
         for L in lengths:
             for system in systems:
                 if system != "blockwise" and L > DENSE_MAX:
@@ -254,6 +254,7 @@ def main():
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--systems", default="blockwise,dense,mlx-lm")
+    p.add_argument("--models", default=",".join(MODELS), help="bench models, in the order to run them")
     p.add_argument("--json")
     p.add_argument("--report")
     p.add_argument("--worker", nargs=4)
@@ -265,7 +266,11 @@ def main():
     if a.report:
         print(report(json.loads(Path(a.report).read_text())))
         return
-    results = run([int(x) for x in a.lengths.split(",")], a.steps, a.systems.split(","), save=a.json)
+    models = a.models.split(",")
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        p.error(f"unknown bench model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    results = run([int(x) for x in a.lengths.split(",")], a.steps, a.systems.split(","), save=a.json, models=models)
     print(report(results))
 
 
