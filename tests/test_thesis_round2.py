@@ -26,6 +26,17 @@ def test_cut_records_lengths_and_specials():
         R.cut_records(docs, 3, 10, seed=0)
 
 
+def test_claims_must_name_approaches(tmp_path):
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "bench/thesis/round2.yaml").read_text())
+    cfg["claims"] = [{"claim": "x", "better": "nope", "than": "generic"}]
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="claims"):
+        R.load_round2(p)
+
+
 def test_verdict_rules():
     ms = R.mean_spread
     assert R.verdict(ms([-0.1, -0.11, -0.09])) == "supported"
@@ -64,7 +75,11 @@ def test_round2_miniature_end_to_end(tmp_path):
     assert set(res["summaries"]) == set(names) and "delta_first_w_loss" in res["summaries"]["mistral-aware"]
     planner = {p["approach"]: p for p in res["planner"]}
     assert planner["generic"]["attention"] == "dense" and planner["mistral-aware"]["attention"] == "blockwise"
-    assert "first-W" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "first-W" in md and "## Claims" in md
+    assert all(c["claim"] in md for c in cfg["claims"])
+    d = R.contrast(res["runs"], "mistral-aware", "generic")
+    assert d["loss"]["mean"] == pytest.approx(res["summaries"]["mistral-aware"]["delta_loss"]["mean"])
     # a second invocation reuses every finished fine-tune (result.json in each run directory)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -48,6 +48,7 @@ from .run import Progress, _load, log, machine_info, pretrain_base, steady_token
 
 APPROACH_KEYS = {"name", "label", "lora_rank", "rank_policy", "packing", "lr", "attention"}
 TOP = {"seeds", "corpus", "records", "model", "pretrain", "finetune", "eval", "sweep", "planner", "approaches"}
+OPTIONAL = {"claims"}  # [{claim, better, than}]: each judged seed by seed, `better` against `than`
 
 
 def load_round2(path, mini: bool = False) -> dict:
@@ -58,6 +59,7 @@ def load_round2(path, mini: bool = False) -> dict:
     except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"cannot read the experiment config {path}: {e}") from None
     over = cfg.pop("mini", None) or {}
+    claims = cfg.pop("claims", None) or []
     if set(cfg) != TOP:
         raise ValueError(f"{path}: top-level keys must be {', '.join(sorted(TOP))} (+ mini); "
                          f"got {', '.join(sorted(cfg))}")
@@ -75,6 +77,10 @@ def load_round2(path, mini: bool = False) -> dict:
     for r in cfg["sweep"]["recipes"]:
         if r not in names:
             raise ValueError(f"{path}: sweep.recipes names {r!r}, which is not an approach")
+    for i, c in enumerate(claims):
+        if set(c) != {"claim", "better", "than"} or c["better"] not in names or c["than"] not in names:
+            raise ValueError(f"{path}: claims[{i}] needs exactly claim, better, than (the last two approach names)")
+    cfg["claims"] = claims
     return cfg
 
 
@@ -234,6 +240,17 @@ def summarise(runs, approaches, seeds) -> dict:
     return out
 
 
+def contrast(runs, better: str, than: str) -> dict:
+    """Per-seed differences `better` - `than` of the final whole-record and first-W losses (negative: the
+    claim's side is better), over the seeds both ran."""
+    a = {r["seed"]: r for r in runs if r["approach"] == better}
+    b = {r["seed"]: r for r in runs if r["approach"] == than}
+    common = sorted(set(a) & set(b))
+    if not common:
+        return {}
+    return {k: mean_spread([a[x][k] - b[x][k] for x in common]) for k in ("loss", "first_w_loss")}
+
+
 def verdict(delta: dict | None) -> str:
     """Lower loss is better: supported when every seed improves and the mean exceeds 2 sd of the
     differences; not supported when every seed is worse or equal; otherwise inconclusive."""
@@ -280,6 +297,20 @@ def render2(res: dict) -> str:
                      f"{verdict(s.get('delta_loss')) if s.get('delta_loss') else '(reference)'} | "
                      f"{s['trainable_params']:,} | {s['peak_memory_gb']['mean'] * 1024:.0f} | "
                      f"{s['tokens_per_sec']['mean']:.0f} |")
+    if res["config"].get("claims"):
+        lines += ["", "## Claims, judged seed by seed (Δ = the claim's side minus the other; negative favours the "
+                      "claim)", "", "| claim | compared | Δ loss per seed | Δ loss | verdict | Δ first-W per seed | "
+                      "Δ first-W | verdict |", "|---|---|---|---|---|---|---|---|"]
+        for c in res["config"]["claims"]:
+            d = contrast(res["runs"], c["better"], c["than"])
+            if not d:
+                lines.append(f"| {c['claim']} | {c['better']} vs {c['than']} | not run ||||||")
+                continue
+            cells = []
+            for k in ("loss", "first_w_loss"):
+                cells += [", ".join(f"{v:+.3f}" for v in d[k]["values"]),
+                          f"{d[k]['mean']:+.4f} ± {d[k]['std']:.4f}", verdict(d[k])]
+            lines.append(f"| {c['claim']} | {c['better']} vs {c['than']} | " + " | ".join(cells) + " |")
     lines += ["", "## Eval curves (mean over seeds): step: whole-record loss / first-W loss", ""]
     for name, s in res["summaries"].items():
         lines.append(f"- {name}: " + ", ".join(f"{p['step']}: {p['loss']:.3f}/{p['first_w_loss']:.3f}"
