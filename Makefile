@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test test-fast system-deps bench thesis clean
+.PHONY: demo test test-fast system-deps bench thesis thesis2 clean
 
 # The GGUF judge (llama.cpp through llama-cpp-python), built portably: a build tuned to the build machine's
 # CPU (GGML_NATIVE, the default of a plain `pip install`) segfaulted on another CPU of the same machine kind.
@@ -69,6 +69,11 @@ test-fast: $(VENV)/.test
 THESIS_CONFIG ?= bench/thesis/config.yaml
 thesis: system-deps $(VENV)/.base
 	$(BIN)/python -m bench.thesis.run --config $(THESIS_CONFIG) --out bench/thesis/results
+
+# Round two (short records, per-recipe best lr, factor controls): ~55 min on 2 quiet CPU cores; a rerun
+# reuses every finished fine-tune (result.json in its run directory).
+thesis2: system-deps $(VENV)/.base
+	$(BIN)/python -m bench.thesis.round2 --config bench/thesis/round2.yaml --out bench/thesis/results2
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/bench_blas.py
