@@ -318,7 +318,7 @@ def render2(res: dict) -> str:
     if res.get("planner"):
         p = res["config"]["planner"]
         lines += ["", f"## Longest row in {p['budget']} ({p['model']}, {p['bits']}-bit QLoRA, batch 1, "
-                      "gradient checkpointing), from the memory planner (being calibrated)", "",
+                      "gradient checkpointing), from the memory planner (calibrated on small models; a prediction for the 7B)", "",
                   "| approach | attention | trainable params | longest row | estimate GB |", "|---|---|---|---|---|"]
         for r in res["planner"]:
             lines.append(f"| {r['approach']} | {r['attention']} | {r['trainable_params']:,} | {r['longest_row']} | "
