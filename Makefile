@@ -70,7 +70,7 @@ THESIS_CONFIG ?= bench/thesis/config.yaml
 thesis: system-deps $(VENV)/.base
 	$(BIN)/python -m bench.thesis.run --config $(THESIS_CONFIG) --out bench/thesis/results
 
-# Round two (short records, per-recipe best lr, factor controls): ~55 min on 2 quiet CPU cores; a rerun
+# Round two (short records, per-recipe best lr, factor controls): ~40 min on 2 quiet CPU cores; a rerun
 # reuses every finished fine-tune (result.json in its run directory).
 thesis2: system-deps $(VENV)/.base
 	$(BIN)/python -m bench.thesis.round2 --config bench/thesis/round2.yaml --out bench/thesis/results2
