@@ -183,7 +183,9 @@ def ram() -> int:
 
 
 def run(lengths, steps, systems, save=None, models=tuple(MODELS)) -> list[dict]:
-    """Every setting in its own subprocess; with `save`, the results so far are rewritten after each one."""
+    """Every setting in its own subprocess; with `save`, the results so far are rewritten (atomically)
+    after each one."""
+    from mlx_mistral.core.io import write_json
     results = []
     for model_name in models:
         for L in lengths:
@@ -204,8 +206,7 @@ def run(lengths, steps, systems, save=None, models=tuple(MODELS)) -> list[dict]:
                       f"act {res['activations'] / 1e9:6.2f} GB {res['tok_s']:8.0f} tok/s", file=sys.stderr)
                 results.append(res)
                 if save:
-                    Path(save).parent.mkdir(parents=True, exist_ok=True)
-                    Path(save).write_text(json.dumps(results, indent=1))
+                    write_json(save, results, indent=1)
     return results
 
 

@@ -230,12 +230,9 @@ def summarise(runs, approaches, seeds) -> dict:
         s["curve"] = [{"step": st, **{k: statistics.fmean(r["curve"][i][k] for r in mine.values()
                                                            if i < len(r["curve"]))
                                        for k in ("loss", "first_w_loss")}} for i, st in enumerate(steps)]
-        refs = {r["seed"]: r for r in runs if r["approach"] == ref}
-        common = sorted(set(mine) & set(refs))
-        if a["name"] != ref and len(common) >= 1:
-            for k in ("loss", "first_w_loss"):
-                d = [mine[x][k] - refs[x][k] for x in common]
-                s[f"delta_{k}"] = mean_spread(d)
+        if a["name"] != ref:
+            for k, d in contrast(runs, a["name"], ref).items():
+                s[f"delta_{k}"] = d
         out[a["name"]] = s
     return out
 
