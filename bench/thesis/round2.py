@@ -104,6 +104,23 @@ def cut_records(docs, lo: int, hi: int, seed: int) -> list[np.ndarray]:
     return out
 
 
+def take_tokens(recs, n_tokens: int, seed: int) -> list[np.ndarray]:
+    """A fixed fine-tune pool: records drawn at random (seeded) until they hold `n_tokens` tokens; 0 keeps
+    them all. A small pool makes a run several epochs long, as fine-tuning sets are."""
+    if n_tokens <= 0:
+        return list(recs)
+    order = np.random.default_rng(seed).permutation(len(recs))
+    out, total = [], 0
+    for i in order:
+        if total >= n_tokens:
+            break
+        out.append(recs[i])
+        total += len(recs[i])
+    if total < n_tokens:
+        raise ValueError(f"records.train_tokens {n_tokens} is more than the {total} record tokens there are")
+    return out
+
+
 def record_losses(model, recs, window: int) -> dict:
     """Whole-record and first-W-positions mean loss (nats/token), each record run alone."""
     model.eval()
@@ -328,10 +345,12 @@ def run_round2(cfg, out: Path, cache: Path, command: str, mode: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(cache, **cfg["corpus"])
     rc = cfg["records"]
-    train_recs = cut_records(corpus.finetune, rc["rec_min"], rc["rec_max"], rc["seed"])
+    train_recs = take_tokens(cut_records(corpus.finetune, rc["rec_min"], rc["rec_max"], rc["seed"]),
+                             rc.get("train_tokens", 0), rc["seed"])
     eval_recs = cut_records(corpus.eval, rc["rec_min"], rc["rec_max"], rc["seed"] + 1)[:rc["n_eval"]]
     lens = np.array([len(r) for r in train_recs])
-    rec_info = {"train": len(train_recs), "eval": len(eval_recs), "median_len": float(np.median(lens)),
+    rec_info = {"train": len(train_recs), "train_tokens": int(lens.sum()), "eval": len(eval_recs),
+                "median_len": float(np.median(lens)),
                 "min_len": int(lens.min()), "max_len": int(lens.max())}
     log(f"records: {rec_info}")
     base_dir, base_info = pretrain_base(cfg, corpus, cache)
