@@ -26,6 +26,25 @@ def test_cut_records_lengths_and_specials():
         R.cut_records(docs, 3, 10, seed=0)
 
 
+def test_take_tokens_draws_a_fixed_pool():
+    recs = [np.full(n, i, dtype=np.int32) for i, n in enumerate([50, 120, 80, 300, 40, 200])]
+    pool = R.take_tokens(recs, 300, seed=3)
+    total = sum(len(r) for r in pool)
+    assert total >= 300 and total - len(pool[-1]) < 300  # stops at the first record that reaches the cap
+    assert [int(r[0]) for r in pool] == [int(r[0]) for r in R.take_tokens(recs, 300, seed=3)]  # seeded
+    assert len({int(r[0]) for r in pool}) == len(pool)  # no record twice
+    assert R.take_tokens(recs, 0, seed=0) == recs
+    with pytest.raises(ValueError, match="train_tokens"):
+        R.take_tokens(recs, 10_000, seed=0)
+
+
+def test_tail_drop_reads_the_last_quarter():
+    curve = [{"step": s, "loss": l} for s, l in [(10, 3.0), (20, 2.6), (30, 2.5), (40, 2.45), (42, 2.44)]]
+    assert R.tail_drop(curve) == pytest.approx(2.5 - 2.44)  # step 30 is the last at or before 0.75 x 42
+    assert R.tail_drop(curve, frac=0.5) == pytest.approx(2.6 - 2.44)
+    assert R.tail_drop(curve[-1:]) is None and R.tail_drop([]) is None
+
+
 def test_claims_must_name_approaches(tmp_path):
     import yaml
 
@@ -49,7 +68,8 @@ def test_round2_miniature_end_to_end(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     cmd = [sys.executable, "-m", "bench.thesis.round2", "--config", "bench/thesis/round2.yaml", "--mini",
            "--out", str(out), "--cache", str(cache)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # two fine-tunes at a time (child processes); the serial path runs below, on a fresh cache
+    proc = subprocess.run(cmd + ["--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     cfg = res["config"]
@@ -86,3 +106,18 @@ def test_round2_miniature_end_to_end(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert all(r.get("reused") for r in again["sweep"] + again["runs"])
     assert [r["loss"] for r in again["runs"]] == [r["loss"] for r in res["runs"]]
+    # the serial path, from scratch (base reused): the same runs, in the same order, with the same losses
+    serial = tmp_path / "serial"
+    (serial / "cache").mkdir(parents=True)
+    for p in cache.iterdir():
+        if p.name.startswith(("base-", "corpus-")):
+            (serial / "cache" / p.name).symlink_to(p)
+    cmd1 = cmd[:-4] + ["--out", str(serial / "out"), "--cache", str(serial / "cache"), "--workers", "1"]
+    proc = subprocess.run(cmd1, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = json.loads((serial / "out" / "results.json").read_text())
+    assert not any(r.get("reused") for r in one["sweep"] + one["runs"])
+    assert [(r["approach"], r["lr"]) for r in one["sweep"]] == [(r["approach"], r["lr"]) for r in res["sweep"]]
+    assert [(r["approach"], r["seed"]) for r in one["runs"]] == [(r["approach"], r["seed"]) for r in res["runs"]]
+    assert [r["loss"] for r in one["runs"]] == pytest.approx([r["loss"] for r in res["runs"]], rel=1e-4)
+    assert "last-quarter drop" in (serial / "out" / "results.md").read_text()

@@ -24,13 +24,15 @@ import copy
 import hashlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 import click
-import mlx.core as mx
 import numpy as np
 import yaml
 
@@ -206,6 +208,57 @@ def fine_tune(cfg, a, lr, seed, train_recs, eval_recs, base_dir, run_dir) -> dic
             "loss": final["loss"], "first_w_loss": final["first_w_loss"], "after_w_loss": final["after_w_loss"]}
 
 
+class Runner:
+    """Runs fine-tunes (`cached_fine_tune`) inline, or `workers` at a time in single-threaded child processes.
+    At this model size a step is bound by op dispatch, not arithmetic: one thread trains as fast as two, so
+    two runs side by side on 2 cores finish in about the time of one."""
+
+    def __init__(self, cfg, train_recs, eval_recs, base_dir, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.ctx = (cfg, train_recs, eval_recs, base_dir)
+        self.pool = None
+        self.saved = {k: os.environ.get(k) for k in THREAD_VARS}
+        if workers > 1:  # children read these when they start (lazily, so they stay set until close)
+            os.environ.update({k: "1" for k in THREAD_VARS})
+            self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_child_init,
+                                            initargs=self.ctx)
+
+    def run(self, jobs):
+        """jobs: [(approach, lr, seed, run_dir)]; yields (job, result) as each finishes."""
+        if self.pool is None:
+            for j in jobs:
+                yield j, cached_fine_tune(self.ctx[0], j[0], j[1], j[2], *self.ctx[1:], j[3])
+            return
+        futures = {self.pool.submit(_child_job, *j): j for j in jobs}
+        for f in as_completed(futures):
+            yield futures[f], f.result()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+            for k, v in self.saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_CHILD: tuple = ()
+
+
+def _child_init(*ctx):
+    global _CHILD
+    _CHILD = ctx
+
+
+def _child_job(a, lr, seed, run_dir):
+    cfg, train_recs, eval_recs, base_dir = _CHILD
+    return cached_fine_tune(cfg, a, lr, seed, train_recs, eval_recs, base_dir, run_dir)
+
+
 # ---- planner column ----------------------------------------------------------------------------------------
 def planner_rows(cfg) -> list[dict]:
     """Longest row in the budget for each approach's attention path, from the memory planner (now)."""
@@ -241,6 +294,8 @@ def summarise(runs, approaches, seeds) -> dict:
         s = {k: mean_spread([r[k] for r in mine.values()]) for k in ("loss", "first_w_loss", "peak_memory_gb",
                                                                         "tokens_per_sec", "seconds")}
         s["boundaries_per_row"] = statistics.fmean(r["boundaries_per_row"] for r in mine.values())
+        drops = [tail_drop(r["curve"]) for r in mine.values()]
+        s["tail_drop"] = mean_spread(drops) if None not in drops else None
         s["trainable_params"] = next(iter(mine.values()))["trainable_params"]
         s["lr"] = next(iter(mine.values()))["lr"]
         steps = [p["step"] for p in next(iter(mine.values()))["curve"]]
@@ -263,6 +318,17 @@ def contrast(runs, better: str, than: str) -> dict:
     if not common:
         return {}
     return {k: mean_spread([a[x][k] - b[x][k] for x in common]) for k in ("loss", "first_w_loss")}
+
+
+def tail_drop(curve: list[dict], frac: float = 0.25, key: str = "loss") -> float | None:
+    """How much the eval loss still fell over a run's last `frac` of steps: the loss at the last eval point at
+    or before (1 - frac) of the run, minus the final loss. Small (against the effects judged) means the curve
+    has flattened; None when the curve has no point that early."""
+    if not curve:
+        return None
+    end = curve[-1]["step"]
+    early = [p for p in curve if p["step"] <= (1 - frac) * end]
+    return float(early[-1][key] - curve[-1][key]) if early else None
 
 
 def verdict(delta: dict | None) -> str:
@@ -289,25 +355,29 @@ def render2(res: dict) -> str:
              f"{' (some reused from an earlier invocation)' if any(r.get('reused') for r in res['sweep'] + res['runs']) else ''}. Base: {res['base_info']['params']:,} parameters "
              f"(W = {res['config']['model']['sliding_window']}). Records: {res['records']}.", ""]
     lines += ["## lr sweep (seed %d): final whole-record loss / first-W loss" % res["config"]["sweep"]["seed"], "",
-              "| recipe | lr | loss | first-W loss |", "|---|---|---|---|"]
+              "| recipe | lr | loss | first-W loss | last-quarter drop |", "|---|---|---|---|---|"]
     for r in res["sweep"]:
-        lines.append(f"| {r['approach']} | {r['lr']:g} | {r['loss']:.4f} | {r['first_w_loss']:.4f} |")
+        d = tail_drop(r["curve"])
+        lines.append(f"| {r['approach']} | {r['lr']:g} | {r['loss']:.4f} | {r['first_w_loss']:.4f} | "
+                     f"{'–' if d is None else f'{d:.4f}'} |")
     edge = [n for n, e in res.get("best_lr_at_edge", {}).items() if e]
     lines += ["", f"Best lr: {res['best_lr']}" + (f" (at the sweep's top edge for {', '.join(edge)}: a lower bound)"
                                                   if edge else ""), "",
               "## Final eval loss, mean ± sd over seeds; Δ = per-seed difference vs the first approach", "",
-              "| approach | lr | boundaries/row | loss | first-W loss | Δ loss | Δ first-W | verdict (Δ loss) | "
-              "trainable | peak MB | tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "Last-quarter drop: how much the eval loss still fell over the run's last quarter of steps (the curve "
+              "has flattened when this is small against the Δs).", "",
+              "| approach | lr | boundaries/row | loss | first-W loss | last-quarter drop | Δ loss | Δ first-W | "
+              "verdict (Δ loss) | trainable | peak MB | tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in res["config"]["approaches"]:
         s = res["summaries"].get(a["name"])
         if not s:
-            lines.append(f"| {a['name']} | not run |||||||||")
+            lines.append(f"| {a['name']} | not run ||||||||||")
             continue
         def pm(x, d=4):
             return f"{x['mean']:+.{d}f} ± {x['std']:.{d}f}" if x else "–"
         lines.append(f"| {a['name']} | {s['lr']:g} | {s['boundaries_per_row']:.2f} | {s['loss']['mean']:.4f} ± "
                      f"{s['loss']['std']:.4f} | {s['first_w_loss']['mean']:.4f} ± {s['first_w_loss']['std']:.4f} | "
-                     f"{pm(s.get('delta_loss'))} | {pm(s.get('delta_first_w_loss'))} | "
+                     f"{pm(s.get('tail_drop'))} | {pm(s.get('delta_loss'))} | {pm(s.get('delta_first_w_loss'))} | "
                      f"{verdict(s.get('delta_loss')) if s.get('delta_loss') else '(reference)'} | "
                      f"{s['trainable_params']:,} | {s['peak_memory_gb']['mean'] * 1024:.0f} | "
                      f"{s['tokens_per_sec']['mean']:.0f} |")
@@ -340,7 +410,7 @@ def render2(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_round2(cfg, out: Path, cache: Path, command: str, mode: str) -> dict:
+def run_round2(cfg, out: Path, cache: Path, command: str, mode: str, workers: int = 1) -> dict:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(cache, **cfg["corpus"])
@@ -371,41 +441,55 @@ def run_round2(cfg, out: Path, cache: Path, command: str, mode: str) -> dict:
         write_json(out / "results.json", res)
 
     sw = cfg["sweep"]
+    runner = Runner(cfg, train_recs, eval_recs, base_dir, workers)
+    try:
+        def sweep(pairs):
+            jobs = [(by_name[n], lr, sw["seed"], runs_root / f"sweep-{n}-{lr:g}") for n, lr in pairs]
+            for (a, lr, _, _), r in runner.run(jobs):
+                log(f"sweep {a['name']} lr {lr:g}: loss {r['loss']:.4f} first-W {r['first_w_loss']:.4f}")
+                res["sweep"].append(r)
+                save()
 
-    def sweep_run(name, lr):
-        r = cached_fine_tune(cfg, by_name[name], lr, sw["seed"], train_recs, eval_recs, base_dir,
-                             runs_root / f"sweep-{name}-{lr:g}")
-        log(f"sweep {name} lr {lr:g}: loss {r['loss']:.4f} first-W {r['first_w_loss']:.4f}")
-        res["sweep"].append(r)
-        save()
-
-    for lr in sw["lrs"]:
-        for name in sw["recipes"]:
-            sweep_run(name, lr)
-    step = sw["lrs"][-1] / sw["lrs"][-2] if len(sw["lrs"]) > 1 else 4.0
-    for name in sw["recipes"]:
-        # a best lr at the sweep's top edge is a lower bound, not a best: go on up (sweep.extend times at most)
+        sweep([(n, lr) for lr in sw["lrs"] for n in sw["recipes"]])
+        step = sw["lrs"][-1] / sw["lrs"][-2] if len(sw["lrs"]) > 1 else 4.0
         for _ in range(int(sw.get("extend", 0))):
-            mine = [r for r in res["sweep"] if r["approach"] == name]
-            best, top = min(mine, key=lambda r: r["loss"]), max(mine, key=lambda r: r["lr"])
-            if best is not top:
+            # a best lr at the sweep's top edge is a lower bound, not a best: go on up (sweep.extend times at most)
+            more = []
+            for n in sw["recipes"]:
+                mine = [r for r in res["sweep"] if r["approach"] == n]
+                best, top = min(mine, key=lambda r: r["loss"]), max(mine, key=lambda r: r["lr"])
+                if best is top:
+                    more.append((n, float(f"{top['lr'] * step:.6g}")))
+            if not more:
                 break
-            sweep_run(name, float(f"{top['lr'] * step:.6g}"))
-        mine = [r for r in res["sweep"] if r["approach"] == name]
-        res["best_lr"][name] = min(mine, key=lambda r: r["loss"])["lr"]
-        res.setdefault("best_lr_at_edge", {})[name] = res["best_lr"][name] == max(r["lr"] for r in mine)
-    for seed in cfg["seeds"]:
-        for a in cfg["approaches"]:
-            lr = res["best_lr"][a["lr"][5:]] if isinstance(a["lr"], str) else float(a["lr"])
-            reuse = [r for r in res["sweep"] if r["approach"] == a["name"] and r["lr"] == lr and r["seed"] == seed]
-            r = reuse[0] if reuse else cached_fine_tune(cfg, a, lr, seed, train_recs, eval_recs, base_dir,
-                                                        runs_root / f"{a['name']}-s{seed}")
+            sweep(more)
+        for n in sw["recipes"]:
+            mine = [r for r in res["sweep"] if r["approach"] == n]
+            res["best_lr"][n] = min(mine, key=lambda r: r["loss"])["lr"]
+            res.setdefault("best_lr_at_edge", {})[n] = res["best_lr"][n] == max(r["lr"] for r in mine)
+        res["sweep"].sort(key=lambda r: (sw["recipes"].index(r["approach"]), r["lr"]))  # finish order varies
+
+        jobs, order = [], {}
+        for seed in cfg["seeds"]:
+            for a in cfg["approaches"]:
+                lr = res["best_lr"][a["lr"][5:]] if isinstance(a["lr"], str) else float(a["lr"])
+                order[(a["name"], seed)] = len(order)
+                reuse = [r for r in res["sweep"] if r["approach"] == a["name"] and r["lr"] == lr and r["seed"] == seed]
+                if reuse:
+                    res["runs"].append(reuse[0])
+                else:
+                    jobs.append((a, lr, seed, runs_root / f"{a['name']}-s{seed}"))
+        for (a, lr, seed, _), r in runner.run(jobs):
             log(f"{a['name']} s{seed} lr {lr:g}: loss {r['loss']:.4f} first-W {r['first_w_loss']:.4f} "
                 f"({r['seconds']:.0f} s)")
             res["runs"].append({**r, "approach": a["name"]})
+            res["runs"].sort(key=lambda r: order[(r["approach"], r["seed"])])
             res["summaries"] = summarise(res["runs"], cfg["approaches"], cfg["seeds"])
             save()
             write_text(out / "results.md", render2(res))
+        res["summaries"] = summarise(res["runs"], cfg["approaches"], cfg["seeds"])
+    finally:
+        runner.close()
     res["machine"]["load_end"] = _load()
     save()
     write_text(out / "results.md", render2(res))
@@ -419,14 +503,17 @@ def run_round2(cfg, out: Path, cache: Path, command: str, mode: str) -> dict:
 @click.option("--out", default="bench/thesis/results2", show_default=True, type=click.Path(file_okay=False))
 @click.option("--cache", default="bench/thesis/.cache", show_default=True, type=click.Path(file_okay=False))
 @click.option("--mini", is_flag=True, help="The config's `mini` section: the test suite's miniature.")
-def main(config_path, out, cache, mini):
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Fine-tunes run at a time, each in a single-threaded child process (2 on 2 cores: the small "
+                   "base's steps are dispatch-bound, so each run keeps its speed).")
+def main(config_path, out, cache, mini, workers):
     """Thesis round two: short documents, eval curves, factor controls, per-recipe best lr."""
     try:
         cfg = load_round2(config_path, mini)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     command = "python -m bench.thesis.round2 " + " ".join(sys.argv[1:])
-    run_round2(copy.deepcopy(cfg), Path(out), Path(cache), command, "mini" if mini else "full")
+    run_round2(copy.deepcopy(cfg), Path(out), Path(cache), command, "mini" if mini else "full", workers)
 
 
 if __name__ == "__main__":
