@@ -98,6 +98,12 @@ def test_round2_miniature_end_to_end(tmp_path):
     md = (out / "results.md").read_text()
     assert "first-W" in md and "## Claims" in md
     assert all(c["claim"] in md for c in cfg["claims"])
+    import xml.etree.ElementTree as ET
+
+    svg = ET.parse(out / "curves.svg").getroot()  # the curves, drawn: one line per approach and panel
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2 * len(names) and "curves.svg" in md
+    assert all(len(p.get("points").split()) == len(res["summaries"][names[0]]["curve"]) for p in lines[:1])
     d = R.contrast(res["runs"], "mistral-aware", "generic")
     assert d["loss"]["mean"] == pytest.approx(res["summaries"]["mistral-aware"]["delta_loss"]["mean"])
     # a second invocation reuses every finished fine-tune (result.json in each run directory)

@@ -346,6 +346,51 @@ def verdict(delta: dict | None) -> str:
     return "inconclusive"
 
 
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
+
+
+def curves_svg(summaries: dict, keys=("loss", "first_w_loss"), titles=("whole-record eval loss",
+                                                                         "first-W eval loss")) -> str:
+    """The mean eval curves (one line per approach), one panel per key, as a standalone SVG. x is the
+    fraction of the run (every run has the same token budget; runs without packing take more steps)."""
+    from xml.sax.saxutils import escape
+
+    w, h, pad, gap = 420, 260, 44, 30
+    names = list(summaries)
+    pts = {n: [(p["step"] / summaries[n]["curve"][-1]["step"], p) for p in summaries[n]["curve"]] for n in names}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w + gap}" height="{h + 24 + 18 * len(names)}" '
+           'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
+    for k, (key, title) in enumerate(zip(keys, titles)):
+        ys = [p[key] for n in names for _, p in pts[n]]
+        lo, hi = min(ys), max(ys)
+        lo, hi = lo - 0.02 * (hi - lo + 1e-9), hi + 0.02 * (hi - lo + 1e-9)
+        x0 = k * (w + gap)
+
+        def X(f):
+            return x0 + pad + f * (w - pad - 8)
+
+        def Y(v):
+            return 18 + (h - 18 - pad) * (hi - v) / (hi - lo)
+        out.append(f'<text x="{x0 + w / 2}" y="12" text-anchor="middle">{escape(title)}</text>')
+        out.append(f'<rect x="{X(0)}" y="18" width="{w - pad - 8}" height="{h - 18 - pad}" fill="none" stroke="#999"/>')
+        for i in range(5):
+            v = lo + (hi - lo) * i / 4
+            out.append(f'<text x="{X(0) - 4}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+        for f in (0, 0.25, 0.5, 0.75, 1):
+            out.append(f'<text x="{X(f):.1f}" y="{h - pad + 14}" text-anchor="middle">{f:g}</text>')
+        out.append(f'<text x="{x0 + w / 2}" y="{h - pad + 28}" text-anchor="middle">fraction of the run</text>')
+        for i, n in enumerate(names):
+            line = " ".join(f"{X(f):.1f},{Y(p[key]):.1f}" for f, p in pts[n])
+            out.append(f'<polyline points="{line}" fill="none" stroke="{COLOURS[i % len(COLOURS)]}" '
+                       'stroke-width="1.5"/>')
+    for i, n in enumerate(names):
+        y = h + 12 + 18 * i
+        out.append(f'<line x1="{pad}" y1="{y}" x2="{pad + 24}" y2="{y}" stroke="{COLOURS[i % len(COLOURS)]}" '
+                   'stroke-width="2"/>')
+        out.append(f'<text x="{pad + 30}" y="{y + 4}">{escape(n)}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
 def render2(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Thesis round two results ({res['mode']})", "", f"Command: `{res['command']}`", "",
@@ -395,7 +440,8 @@ def render2(res: dict) -> str:
                 cells += [", ".join(f"{v:+.3f}" for v in d[k]["values"]),
                           f"{d[k]['mean']:+.4f} ± {d[k]['std']:.4f}", verdict(d[k])]
             lines.append(f"| {c['claim']} | {c['better']} vs {c['than']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Eval curves (mean over seeds): step: whole-record loss / first-W loss", ""]
+    lines += ["", "## Eval curves (mean over seeds): step: whole-record loss / first-W loss", "",
+              "![eval curves](curves.svg)", ""]
     for name, s in res["summaries"].items():
         lines.append(f"- {name}: " + ", ".join(f"{p['step']}: {p['loss']:.3f}/{p['first_w_loss']:.3f}"
                                                for p in s["curve"]))
@@ -408,6 +454,13 @@ def render2(res: dict) -> str:
             lines.append(f"| {r['approach']} | {r['attention']} | {r['trainable_params']:,} | {r['longest_row']} | "
                          f"{r['estimate_gb'] and round(r['estimate_gb'], 2)} |")
     return "\n".join(lines) + "\n"
+
+
+def report(out: Path, res: dict):
+    """results.md and the curves' picture next to it."""
+    if res["summaries"]:
+        write_text(out / "curves.svg", curves_svg(res["summaries"]))
+    write_text(out / "results.md", render2(res))
 
 
 def run_round2(cfg, out: Path, cache: Path, command: str, mode: str, workers: int = 1) -> dict:
@@ -486,13 +539,13 @@ def run_round2(cfg, out: Path, cache: Path, command: str, mode: str, workers: in
             res["runs"].sort(key=lambda r: order[(r["approach"], r["seed"])])
             res["summaries"] = summarise(res["runs"], cfg["approaches"], cfg["seeds"])
             save()
-            write_text(out / "results.md", render2(res))
+            report(out, res)
         res["summaries"] = summarise(res["runs"], cfg["approaches"], cfg["seeds"])
     finally:
         runner.close()
     res["machine"]["load_end"] = _load()
     save()
-    write_text(out / "results.md", render2(res))
+    report(out, res)
     log(f"done in {res['elapsed_s'] / 60:.1f} min")
     return res
 
