@@ -70,10 +70,10 @@ THESIS_CONFIG ?= bench/thesis/config.yaml
 thesis: system-deps $(VENV)/.base
 	$(BIN)/python -m bench.thesis.run --config $(THESIS_CONFIG) --out bench/thesis/results
 
-# Round two (short records, per-recipe best lr, factor controls): ~40 min on 2 quiet CPU cores; a rerun
-# reuses every finished fine-tune (result.json in its run directory).
+# Round two (short records, per-recipe best lr, factor controls, runs to a flat eval curve): two fine-tunes
+# at a time; see docs/thesis.md for its time on 2 CPU cores. A rerun reuses every finished fine-tune.
 thesis2: system-deps $(VENV)/.base
-	$(BIN)/python -m bench.thesis.round2 --config bench/thesis/round2.yaml --out bench/thesis/results2
+	$(BIN)/python -m bench.thesis.round2 --config bench/thesis/round2.yaml --out bench/thesis/results2 --workers 2
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/bench_blas.py
