@@ -1,21 +1,25 @@
-"""Thesis round two: short documents, converged runs, controls that separate the factors.
+"""Thesis round two: short documents, runs to a flat eval curve, controls that separate the factors.
 
-    python -m bench.thesis.round2 --config bench/thesis/round2.yaml --out bench/thesis/results2 [--mini]
+    python -m bench.thesis.round2 --config bench/thesis/round2.yaml --out bench/thesis/results2 [--workers 2]
+    python -m bench.thesis.round2 ... --mini        # the test suite's miniature
 
-Round one's flaw: 1k-4k-token documents (naive packing crosses a boundary once every 2-5 rows) and 48
-steps. Here:
+Round one's flaw: 1k-4k-token documents (naive packing crosses a document boundary once every 2-5 rows) and
+48 steps. Here:
 1. Records of `rec_min..rec_max` tokens (BOS + a slice of a held-apart stdlib file + EOS), cut from the
-   same corpus as round one, so naive packing crosses a document boundary in every row.
+   same corpus as round one, so naive packing crosses a document boundary in every row. The fine-tune
+   pool is a fixed random draw of `records.train_tokens` tokens (0: all), seen for several epochs.
 2. A small base (round one's pipeline and cache, keyed by its inputs).
 3. An lr sweep (one seed) for each recipe named in `sweep.recipes`, extended upwards (by the list's last
    ratio, `sweep.extend` times at most) while a recipe's best lr is the largest tried; approaches whose
    `lr` is `best:<name>` then run at that recipe's best lr.
-4. Every approach x seed, interleaved; eval loss recorded every `eval_every` steps (the curve) on the
-   held-out records each run alone: whole-record loss and loss on the first W tokens.
+4. Every approach x seed; eval loss recorded every `eval_every` steps (the curve) on the held-out records,
+   each run alone: whole-record loss and loss on the first W tokens. `tail_drop` says how much a curve
+   still fell over its last quarter; `curves.svg` draws the mean curves.
 5. The planner's longest row in a memory budget for each recipe's attention path (called at report time).
-Results are written after every run (`OUT/results.json`), the tables at the end (`OUT/results.md`); each
-finished fine-tune leaves `result.json` in its run directory, keyed by everything that decides it, so a
-rerun of the command (stopped part way, or with more lrs or seeds) reuses the runs already done.
+Results are written after every run (`OUT/results.json`, `OUT/results.md`, `OUT/curves.svg`); each finished
+fine-tune leaves `result.json` in its run directory, keyed by everything that decides it, so a rerun of the
+command (stopped part way, or with more lrs or seeds) reuses the runs already done. `--workers N` runs N
+fine-tunes at a time in single-threaded child processes (`Runner`).
 """
 
 from __future__ import annotations
