@@ -56,6 +56,16 @@ def test_claims_must_name_approaches(tmp_path):
         R.load_round2(p)
 
 
+def test_next_lr_goes_past_the_edge_the_best_is_at():
+    runs = [{"lr": lr, "loss": loss} for lr, loss in [(1e-3, 2.0), (2e-3, 2.1), (4e-3, 2.3)]]
+    assert R.next_lr(runs, 2.0) == pytest.approx(5e-4)  # best is the smallest: go down
+    runs[2]["loss"] = 1.9
+    assert R.next_lr(runs, 2.0) == pytest.approx(8e-3)  # best is the largest: go up
+    runs[1]["loss"] = 1.5
+    assert R.next_lr(runs, 2.0) is None  # best inside: done
+    assert R.next_lr(runs[:1], 2.0) is None
+
+
 def test_verdict_rules():
     ms = R.mean_spread
     assert R.verdict(ms([-0.1, -0.11, -0.09])) == "supported"
@@ -77,12 +87,14 @@ def test_round2_miniature_end_to_end(tmp_path):
     assert {"generic", "mistral-aware"} <= set(names)
     assert set(res["best_lr"]) == set(cfg["sweep"]["recipes"])
     step = cfg["sweep"]["lrs"][-1] / cfg["sweep"]["lrs"][-2]
-    for name in cfg["sweep"]["recipes"]:  # the configured lrs, then 4x more while the best is the top one
-        lrs = [r["lr"] for r in res["sweep"] if r["approach"] == name]
-        extra = lrs[len(cfg["sweep"]["lrs"]):]
-        assert lrs[:len(cfg["sweep"]["lrs"])] == cfg["sweep"]["lrs"] and len(extra) <= cfg["sweep"]["extend"]
-        assert extra == [pytest.approx(cfg["sweep"]["lrs"][-1] * step ** (k + 1)) for k in range(len(extra))]
-        at_edge = res["best_lr"][name] == max(lrs)
+    for name in cfg["sweep"]["recipes"]:  # the configured lrs, then past an edge while the best is there
+        lrs = sorted(r["lr"] for r in res["sweep"] if r["approach"] == name)
+        extra = sorted(set(lrs) - set(cfg["sweep"]["lrs"]))
+        assert set(cfg["sweep"]["lrs"]) <= set(lrs) and len(extra) <= cfg["sweep"]["extend"]
+        up = [cfg["sweep"]["lrs"][-1] * step ** (k + 1) for k in range(len(extra))]
+        down = [cfg["sweep"]["lrs"][0] / step ** (k + 1) for k in range(len(extra))]
+        assert extra == pytest.approx(sorted(up)) or extra == pytest.approx(sorted(down))
+        at_edge = res["best_lr"][name] in (max(lrs), min(lrs))
         assert res["best_lr_at_edge"][name] == at_edge and (not at_edge or len(extra) == cfg["sweep"]["extend"])
     assert sorted((r["approach"], r["seed"]) for r in res["runs"]) == sorted((n, s) for n in names for s in cfg["seeds"])
     for r in res["runs"] + res["sweep"]:

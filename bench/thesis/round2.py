@@ -9,8 +9,9 @@ Round one's flaw: 1k-4k-token documents (naive packing crosses a document bounda
    same corpus as round one, so naive packing crosses a document boundary in every row. The fine-tune
    pool is a fixed random draw of `records.train_tokens` tokens (0: all), seen for several epochs.
 2. A small base (round one's pipeline and cache, keyed by its inputs).
-3. An lr sweep (one seed) for each recipe named in `sweep.recipes`, extended upwards (by the list's last
-   ratio, `sweep.extend` times at most) while a recipe's best lr is the largest tried; approaches whose
+3. An lr sweep (one seed) for each recipe named in `sweep.recipes`, extended past an edge (by the list's
+   last ratio, `sweep.extend` times at most) while a recipe's best lr is the largest or the smallest tried
+   (`next_lr`); approaches whose
    `lr` is `best:<name>` then run at that recipe's best lr.
 4. Every approach x seed; eval loss recorded every `eval_every` steps (the curve) on the held-out records,
    each run alone: whole-record loss and loss on the first W tokens. `tail_drop` says how much a curve
@@ -212,6 +213,21 @@ def fine_tune(cfg, a, lr, seed, train_recs, eval_recs, base_dir, run_dir) -> dic
             "loss": final["loss"], "first_w_loss": final["first_w_loss"], "after_w_loss": final["after_w_loss"]}
 
 
+def next_lr(runs: list[dict], step: float) -> float | None:
+    """The lr to try next when the best of `runs` (lowest final loss) is at an edge of the lrs tried: `step`
+    times the largest when it is the largest, the smallest divided by `step` when it is the smallest; None
+    when the best lies inside."""
+    best = min(runs, key=lambda r: r["loss"])["lr"]
+    lrs = sorted(r["lr"] for r in runs)
+    if len(lrs) < 2:
+        return None
+    if best == lrs[-1]:
+        return float(f"{lrs[-1] * step:.6g}")
+    if best == lrs[0]:
+        return float(f"{lrs[0] / step:.6g}")
+    return None
+
+
 class Runner:
     """Runs fine-tunes (`cached_fine_tune`) inline, or `workers` at a time in single-threaded child processes.
     At this model size a step is bound by op dispatch, not arithmetic: one thread trains as fast as two, so
@@ -410,7 +426,7 @@ def render2(res: dict) -> str:
         lines.append(f"| {r['approach']} | {r['lr']:g} | {r['loss']:.4f} | {r['first_w_loss']:.4f} | "
                      f"{'–' if d is None else f'{d:.4f}'} |")
     edge = [n for n, e in res.get("best_lr_at_edge", {}).items() if e]
-    lines += ["", f"Best lr: {res['best_lr']}" + (f" (at the sweep's top edge for {', '.join(edge)}: a lower bound)"
+    lines += ["", f"Best lr: {res['best_lr']}" + (f" (at an edge of the sweep for {', '.join(edge)}: a bound, not a best)"
                                                   if edge else ""), "",
               "## Final eval loss, mean ± sd over seeds; Δ = per-seed difference vs the first approach", "",
               "Last-quarter drop: how much the eval loss still fell over the run's last quarter of steps (the curve "
@@ -510,20 +526,16 @@ def run_round2(cfg, out: Path, cache: Path, command: str, mode: str, workers: in
         sweep([(n, lr) for lr in sw["lrs"] for n in sw["recipes"]])
         step = sw["lrs"][-1] / sw["lrs"][-2] if len(sw["lrs"]) > 1 else 4.0
         for _ in range(int(sw.get("extend", 0))):
-            # a best lr at the sweep's top edge is a lower bound, not a best: go on up (sweep.extend times at most)
-            more = []
-            for n in sw["recipes"]:
-                mine = [r for r in res["sweep"] if r["approach"] == n]
-                best, top = min(mine, key=lambda r: r["loss"]), max(mine, key=lambda r: r["lr"])
-                if best is top:
-                    more.append((n, float(f"{top['lr'] * step:.6g}")))
+            # a best lr at an edge of the sweep is a bound, not a best: go on past that edge
+            more = [(n, lr) for n in sw["recipes"]
+                    if (lr := next_lr([r for r in res["sweep"] if r["approach"] == n], step)) is not None]
             if not more:
                 break
             sweep(more)
         for n in sw["recipes"]:
             mine = [r for r in res["sweep"] if r["approach"] == n]
             res["best_lr"][n] = min(mine, key=lambda r: r["loss"])["lr"]
-            res.setdefault("best_lr_at_edge", {})[n] = res["best_lr"][n] == max(r["lr"] for r in mine)
+            res.setdefault("best_lr_at_edge", {})[n] = next_lr(mine, step) is not None
         res["sweep"].sort(key=lambda r: (sw["recipes"].index(r["approach"]), r["lr"]))  # finish order varies
 
         jobs, order = [], {}
