@@ -139,3 +139,45 @@ def test_round2_miniature_end_to_end(tmp_path):
     assert [(r["approach"], r["seed"]) for r in one["runs"]] == [(r["approach"], r["seed"]) for r in res["runs"]]
     assert [r["loss"] for r in one["runs"]] == pytest.approx([r["loss"] for r in res["runs"]], rel=1e-4)
     assert "last-quarter drop" in (serial / "out" / "results.md").read_text()
+
+
+def test_runner_children_stop_when_the_round_is_killed(tmp_path):
+    """A round killed outright (`kill`, not Ctrl-C) leaves no fine-tune running on in the background."""
+    import os
+    import signal
+    import time
+
+    script = tmp_path / "killed.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import mlx_mistral.backends.mlx\n"
+        "from bench.thesis import round2 as R\n"
+        "if __name__ == '__main__':\n"  # spawned children import this file as __main__'s stand-in
+        "    r = R.Runner({}, [], [], None, workers=2)\n"
+        "    futs = [r.pool.submit(time.sleep, 120) for _ in range(2)]\n"
+        "    time.sleep(10)\n"  # the children are up (spawned, imported, sleeping)
+        "    print(' '.join(str(p) for p in r.pool._processes), flush=True)\n"
+        "    time.sleep(120)\n")
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        time.sleep(1)
+        assert all(alive(p) for p in pids)  # running, as a round's fine-tunes would be
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while any(alive(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not any(alive(p) for p in pids)
+    finally:
+        proc.kill()

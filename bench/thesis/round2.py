@@ -32,6 +32,7 @@ import math
 import os
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -272,6 +273,13 @@ _CHILD: tuple = ()
 def _child_init(*ctx):
     global _CHILD
     _CHILD = ctx
+    parent = os.getppid()
+
+    def orphaned():  # the round killed (not interrupted): stop rather than train on with no one to report to
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+    threading.Thread(target=orphaned, daemon=True).start()
 
 
 def _child_job(a, lr, seed, run_dir):
