@@ -71,7 +71,8 @@ thesis: system-deps $(VENV)/.base
 	$(BIN)/python -m bench.thesis.run --config $(THESIS_CONFIG) --out bench/thesis/results
 
 # Round two (short records, per-recipe best lr, factor controls, runs to a flat eval curve): two fine-tunes
-# at a time; see docs/thesis.md for its time on 2 CPU cores. A rerun reuses every finished fine-tune.
+# at a time, about 70 min on 2 CPU cores from an empty cache (docs/thesis.md). A rerun reuses every
+# finished fine-tune.
 thesis2: system-deps $(VENV)/.base
 	$(BIN)/python -m bench.thesis.round2 --config bench/thesis/round2.yaml --out bench/thesis/results2 --workers 2
 
