@@ -31,6 +31,7 @@ import ctypes.util
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 #: What happened: `{"loaded": path or None, "reason": text, "torch_first": bool}`; shown by `mlx-mistral info`.
@@ -69,13 +70,18 @@ def preload_openblas(torch_first: bool = True) -> dict:
     if not sys.platform.startswith("linux"):
         STATUS.update(loaded=None, reason="not Linux: MLX uses Accelerate/Metal")
         return STATUS
-    if "mlx.core" in sys.modules:
-        STATUS.update(loaded=None, reason="mlx.core was imported before mlx_mistral's MLX backend; import "
-                      "mlx_mistral.backends.mlx first")
-        return STATUS
     choice = os.environ.get("MLX_MISTRAL_BLAS", "")
     if choice.lower() == "none":
         STATUS.update(loaded=None, reason="disabled by MLX_MISTRAL_BLAS=none (bundled reference BLAS)")
+        return STATUS
+    if "mlx.core" in sys.modules:
+        STATUS.update(loaded=None, reason="mlx.core was imported before mlx_mistral's MLX backend; import "
+                      "mlx_mistral.backends.mlx first")
+        # silent, this costs ~40x on every fp32 matmul for the whole process: say so where it can be fixed
+        warnings.warn("mlx.core was imported before mlx_mistral.backends.mlx, so MLX keeps the reference BLAS "
+                      "its Linux wheel bundles (about 40x slower fp32 matmul). Import mlx_mistral.backends.mlx "
+                      "(or any module in it) before mlx.core; MLX_MISTRAL_BLAS=none silences this.",
+                      RuntimeWarning, stacklevel=2)
         return STATUS
     if torch_first:
         _import_torch_first()

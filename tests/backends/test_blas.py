@@ -71,3 +71,21 @@ def test_the_mlx_only_preload_leaves_torch_out():
             "assert 'torch' not in sys.modules and b.STATUS['loaded'] and not b.STATUS['torch_first'], b.STATUS\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenBLAS preload is for MLX on Linux")
+def test_importing_mlx_core_first_warns_and_says_how_to_fix_it():
+    """The wrong import order costs ~40x on fp32 matmul for the whole process: it must not be silent."""
+    wrong = "import mlx.core\nimport mlx_mistral.backends.mlx\n"
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", wrong], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and "before mlx.core" in r.stderr and "reference BLAS" in r.stderr, r.stderr[-2000:]
+    import os
+
+    quiet = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", wrong], capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "MLX_MISTRAL_BLAS": "none"})
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    right = "import mlx_mistral.backends.mlx\nimport mlx.core\n"
+    ok = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", right], capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
