@@ -17,6 +17,7 @@ process that may use both backends (the test suite, `train --backend torch` afte
 MLX, exports next to torch code) gets this order. A process that will never use torch asks for an
 MLX-only preload, `preload_openblas(torch_first=False)`, before it imports MLX, and does not pay torch's
 import (~1-2 s): `mlx-mistral info` does. The first call decides; later calls return its `STATUS`.
+A first call after `mlx.core` was imported is too late: it warns (RuntimeWarning) rather than fail silently.
 This module sits beside the backends rather than inside `backends/mlx/`, whose import already preloads:
 a process must be able to call it before that import.
 
