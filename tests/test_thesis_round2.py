@@ -115,7 +115,8 @@ def test_round2_miniature_end_to_end(tmp_path):
     svg = ET.parse(out / "curves.svg").getroot()  # the curves, drawn: one line per approach and panel
     lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
     assert len(lines) == 2 * len(names) and "curves.svg" in md
-    assert all(len(p.get("points").split()) == len(res["summaries"][names[0]]["curve"]) for p in lines[:1])
+    points = [len(s["curve"]) for s in res["summaries"].values()] * 2  # panel by panel, approach by approach
+    assert [len(p.get("points").split()) for p in lines] == points
     d = R.contrast(res["runs"], "mistral-aware", "generic")
     assert d["loss"]["mean"] == pytest.approx(res["summaries"]["mistral-aware"]["delta_loss"]["mean"])
     # a second invocation reuses every finished fine-tune (result.json in each run directory)
@@ -159,6 +160,7 @@ def test_runner_children_stop_when_the_round_is_killed(tmp_path):
         "    time.sleep(10)\n"  # the children are up (spawned, imported, sleeping)
         "    print(' '.join(str(p) for p in r.pool._processes), flush=True)\n"
         "    time.sleep(120)\n")
+
     def alive(pid):
         try:
             os.kill(pid, 0)

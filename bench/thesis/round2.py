@@ -56,7 +56,6 @@ from .run import Progress, _load, log, machine_info, pretrain_base, steady_token
 
 APPROACH_KEYS = {"name", "label", "lora_rank", "rank_policy", "packing", "lr", "attention"}
 TOP = {"seeds", "corpus", "records", "model", "pretrain", "finetune", "eval", "sweep", "planner", "approaches"}
-OPTIONAL = {"claims"}  # [{claim, better, than}]: each judged seed by seed, `better` against `than`
 
 
 def load_round2(path, mini: bool = False) -> dict:
@@ -67,7 +66,7 @@ def load_round2(path, mini: bool = False) -> dict:
     except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"cannot read the experiment config {path}: {e}") from None
     over = cfg.pop("mini", None) or {}
-    claims = cfg.pop("claims", None) or []
+    claims = cfg.pop("claims", None) or []  # optional: [{claim, better, than}], each judged seed by seed
     if set(cfg) != TOP:
         raise ValueError(f"{path}: top-level keys must be {', '.join(sorted(TOP))} (+ mini); "
                          f"got {', '.join(sorted(cfg))}")
@@ -229,6 +228,10 @@ def next_lr(runs: list[dict], step: float) -> float | None:
     return None
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_CHILD: tuple = ()  # a child process's (cfg, train_recs, eval_recs, base_dir), set once by _child_init
+
+
 class Runner:
     """Runs fine-tunes (`cached_fine_tune`) inline, or `workers` at a time in single-threaded child processes.
     At this model size a step is bound by op dispatch, not arithmetic: one thread trains nearly as fast as two
@@ -249,7 +252,7 @@ class Runner:
         """jobs: [(approach, lr, seed, run_dir)]; yields (job, result) as each finishes."""
         if self.pool is None:
             for j in jobs:
-                yield j, cached_fine_tune(self.ctx[0], j[0], j[1], j[2], *self.ctx[1:], j[3])
+                yield j, _job(self.ctx, *j)
             return
         futures = {self.pool.submit(_child_job, *j): j for j in jobs}
         for f in as_completed(futures):
@@ -266,10 +269,6 @@ class Runner:
                     os.environ[k] = v
 
 
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-_CHILD: tuple = ()
-
-
 def _child_init(*ctx):
     global _CHILD
     _CHILD = ctx
@@ -282,9 +281,13 @@ def _child_init(*ctx):
     threading.Thread(target=orphaned, daemon=True).start()
 
 
-def _child_job(a, lr, seed, run_dir):
-    cfg, train_recs, eval_recs, base_dir = _CHILD
+def _job(ctx, a, lr, seed, run_dir):
+    cfg, train_recs, eval_recs, base_dir = ctx
     return cached_fine_tune(cfg, a, lr, seed, train_recs, eval_recs, base_dir, run_dir)
+
+
+def _child_job(a, lr, seed, run_dir):
+    return _job(_CHILD, a, lr, seed, run_dir)
 
 
 # ---- planner column ----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ library before OpenBLAS, and MLX still got OpenBLAS. `mlx-mistral info`'s MLX-on
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -80,8 +81,6 @@ def test_importing_mlx_core_first_warns_and_says_how_to_fix_it():
     r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", wrong], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode != 0 and "before mlx.core" in r.stderr and "reference BLAS" in r.stderr, r.stderr[-2000:]
-    import os
-
     quiet = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", wrong], capture_output=True,
                            text=True, timeout=300, env={**os.environ, "MLX_MISTRAL_BLAS": "none"})
     assert quiet.returncode == 0, quiet.stderr[-2000:]
